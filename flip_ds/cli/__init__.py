@@ -1,0 +1,41 @@
+"""`flip-ds`: one entry point, a subcommand per job. Each subcommand lives in its own module
+with a `register(subparsers)` that adds its parser; heavy imports (torch, deepspeed) happen
+only inside the command that needs them, so `--help` and recipe errors are instant."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from flip_ds.config_loader import ConfigError
+
+COMMANDS = [
+    "flip_ds.cli.train",
+    "flip_ds.cli.model_info",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="flip-ds",
+        description="FLIP (masked-image CLIP) pre-training on PyTorch + DeepSpeed.",
+        epilog="Run 'flip-ds COMMAND --help' for each command's options.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMANDS:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as e:
+        print(f"flip-ds: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

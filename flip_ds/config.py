@@ -1,0 +1,157 @@
+"""The recipe: every component's config section, composed, loaded and validated.
+
+Science lives here (batch, lr, phases, masking); the DeepSpeed JSON named by `train.deepspeed`
+holds only the engine (ZeRO stage, offload, buckets). The engine fills DeepSpeed's batch,
+precision and optimizer fields from the recipe, so nothing is kept in sync by hand.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Literal
+
+from flip_ds.config_loader import ConfigError, apply_overrides, check, from_dict, read_yaml
+from flip_ds.data.config import DataConfig
+from flip_ds.evaluation.config import EvalConfig
+from flip_ds.models.config import ModelConfig
+
+IMAGENET_EPOCH = 1_281_167  # FLIP counts warmup in "virtual ImageNet epochs" of this many samples
+
+
+@dataclass
+class TrainConfig:
+    global_batch: int = 65536  # contrastive batch: every sample is a negative for every other
+    micro_batch: int = 256  # samples per device per forward
+    accum_steps: int | None = None  # feature-cache micro batches per step; None: derived from the world size
+    seed: int = 0
+    precision: Literal["bf16", "fp32"] = "bf16"
+    deepspeed: str = "ds_configs/zero3_bf16.json"  # engine settings only (ZeRO stage, offload, buckets)
+    max_nonfinite_steps: int = 5  # stop after this many non-finite losses in a row
+
+    def validate(self, prefix: str = "train") -> None:
+        check(self.global_batch > 0, f"{prefix}.global_batch: {self.global_batch} must be > 0")
+        check(self.micro_batch > 0, f"{prefix}.micro_batch: {self.micro_batch} must be > 0")
+        check(self.accum_steps is None or self.accum_steps > 0,
+              f"{prefix}.accum_steps: {self.accum_steps} must be > 0 (or null to derive it)")
+        check(self.max_nonfinite_steps > 0, f"{prefix}.max_nonfinite_steps: must be > 0")
+
+    def resolve_accum_steps(self, world_size: int) -> int:
+        """Micro batches per step so that global = micro x accum x world, or a ConfigError saying why not."""
+        per_step = self.micro_batch * world_size
+        if self.accum_steps is not None:
+            check(per_step * self.accum_steps == self.global_batch,
+                  f"train.global_batch: {self.global_batch} != micro_batch {self.micro_batch} x accum_steps "
+                  f"{self.accum_steps} x world size {world_size} (= {per_step * self.accum_steps})")
+            return self.accum_steps
+        check(self.global_batch % per_step == 0,
+              f"train.global_batch: {self.global_batch} is not a multiple of micro_batch {self.micro_batch} x "
+              f"world size {world_size} (= {per_step}); choose a global batch of k x {per_step}")
+        return self.global_batch // per_step
+
+
+@dataclass
+class OptimConfig:
+    base_lr: float = 4e-6  # per 256 samples: lr = base_lr x global_batch / 256 (FLIP)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.2  # not on biases, norms, position embeddings, CLS, temperature
+    grad_clip: float = 0.0  # 0: no clipping (FLIP)
+
+    def validate(self, prefix: str = "optim") -> None:
+        check(self.base_lr > 0, f"{prefix}.base_lr: {self.base_lr} must be > 0")
+        check(all(0 <= b < 1 for b in self.betas), f"{prefix}.betas: {self.betas} must be in [0, 1)")
+        check(self.weight_decay >= 0, f"{prefix}.weight_decay: {self.weight_decay} must be >= 0")
+        check(self.grad_clip >= 0, f"{prefix}.grad_clip: {self.grad_clip} must be >= 0")
+
+
+@dataclass
+class PhaseConfig:
+    name: str
+    samples: int  # length of the phase in samples seen
+    mask_ratio: float = 0.5  # share of image patches dropped
+    text_mask_ratio: float = 0.0
+    base_lr: float | None = None  # per 256 samples; None: optim.base_lr
+    warmup_samples: int = 0  # linear warmup, then cosine to zero over the rest of the phase
+    reset_optimizer: bool = False  # drop Adam's moments at the start of this phase (FLIP's unmasked tuning)
+
+    def validate(self, prefix: str = "phase") -> None:
+        check(self.samples > 0, f"{prefix}.samples: {self.samples} must be > 0")
+        check(0.0 <= self.mask_ratio < 1.0, f"{prefix}.mask_ratio: {self.mask_ratio} is outside [0, 1)")
+        check(0.0 <= self.text_mask_ratio < 1.0, f"{prefix}.text_mask_ratio: {self.text_mask_ratio} is outside [0, 1)")
+        check(0 <= self.warmup_samples <= self.samples,
+              f"{prefix}.warmup_samples: {self.warmup_samples} must be in [0, samples={self.samples}]")
+        check(self.base_lr is None or self.base_lr > 0, f"{prefix}.base_lr: {self.base_lr} must be > 0")
+
+
+@dataclass
+class CheckpointConfig:
+    every_samples: int = 0  # 0: only at phase ends, on signals and at the end
+    keep_last: int = 2  # older periodic checkpoints are deleted; milestones are kept
+    milestones: list[int] = field(default_factory=list)  # samples seen at which a kept checkpoint is written
+
+    def validate(self, prefix: str = "checkpoint") -> None:
+        check(self.every_samples >= 0, f"{prefix}.every_samples: {self.every_samples} must be >= 0")
+        check(self.keep_last >= 1, f"{prefix}.keep_last: {self.keep_last} must be >= 1")
+
+
+@dataclass
+class LoggingConfig:
+    every_steps: int = 10  # console line and TensorBoard scalars
+    peak_tflops: float | None = None  # per device, for MFU; None: a built-in table by device name
+    masked_image_grid: bool = True  # a grid of masked inputs in TensorBoard when a phase starts
+
+    def validate(self, prefix: str = "logging") -> None:
+        check(self.every_steps >= 1, f"{prefix}.every_steps: {self.every_steps} must be >= 1")
+
+
+@dataclass
+class Recipe:
+    output_dir: str = "runs/flip"  # checkpoints/, tensorboard/ and eval/ go below it
+    resume: str = "auto"  # 'auto': newest complete checkpoint in output_dir, 'none', or a checkpoint path
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    phases: list[PhaseConfig] = field(default_factory=list)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self, prefix: str = "") -> None:
+        check(len(self.phases) > 0, "phases: a recipe needs at least one phase (e.g. {name: pretrain, samples: ...})")
+        for i, phase in enumerate(self.phases):
+            phase.validate(f"phases.{i}")
+        names = [p.name for p in self.phases]
+        check(len(names) == len(set(names)), f"phases: names must be unique, got {names}")
+
+    @property
+    def total_samples(self) -> int:
+        return sum(p.samples for p in self.phases)
+
+    def validate_world(self, world_size: int) -> int:
+        """Check the batch split for `world_size` ranks; returns the accumulation steps."""
+        accum = self.train.resolve_accum_steps(world_size)
+        for i, phase in enumerate(self.phases):
+            check(phase.samples >= self.train.global_batch,
+                  f"phases.{i}.samples: {phase.samples} is less than one global batch ({self.train.global_batch})")
+        return accum
+
+
+def load_recipe(path: str | None, overrides: list[str] | None = None) -> Recipe:
+    """Read a YAML recipe (or only defaults when `path` is None) and apply dotted overrides."""
+    tree = read_yaml(path) if path else {}
+    tree = apply_overrides(tree, overrides or [])
+    return from_dict(Recipe, tree)
+
+
+def world_size_from_env() -> int:
+    """The world size a launcher announced, before any process group exists (1 when none did)."""
+    for var in ("WORLD_SIZE", "SLURM_NTASKS"):
+        value = os.environ.get(var)
+        if value:
+            try:
+                return int(value)
+            except ValueError:
+                raise ConfigError(f"environment variable {var}={value!r} is not an integer") from None
+    return 1

@@ -1,0 +1,40 @@
+"""The data section of a recipe: where training shards live and how samples become tensors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from flip_ds.config_loader import check
+
+
+@dataclass
+class DataSource:
+    shards: str  # brace spec in img2dataset's layout, e.g. /data/laion400m/{00000..41407}.tar
+    weight: float = 1.0  # relative sampling weight when several sources are joined
+
+
+@dataclass
+class DataConfig:
+    train: list[DataSource] = field(default_factory=list)
+    tokenizer: str = ""  # SentencePiece .model file (flip-ds train-tokenizer makes one)
+    workers: int = 4  # loader processes per rank
+    shard_shuffle: int = 100  # shards buffered per worker before samples are drawn from them
+    sample_shuffle: int = 1000  # sample shuffle buffer per worker
+    crop_scale: tuple[float, float] = (0.5, 1.0)  # FLIP's RandomResizedCrop area range
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: bool = True
+    max_skip_rate: float = 0.1  # stop when more than this share of samples was skipped ...
+    skip_rate_min_samples: int = 10000  # ... once at least this many were read on a rank
+
+    def validate(self, prefix: str = "data") -> None:
+        for i, src in enumerate(self.train):
+            check(src.shards.strip() != "", f"{prefix}.train.{i}.shards: empty shard spec")
+            check(src.weight > 0, f"{prefix}.train.{i}.weight: {src.weight} must be > 0")
+        check(self.workers >= 0, f"{prefix}.workers: {self.workers} must be >= 0")
+        check(self.shard_shuffle >= 1, f"{prefix}.shard_shuffle: {self.shard_shuffle} must be >= 1")
+        check(self.sample_shuffle >= 1, f"{prefix}.sample_shuffle: {self.sample_shuffle} must be >= 1")
+        lo, hi = self.crop_scale
+        check(0 < lo <= hi <= 1, f"{prefix}.crop_scale: {self.crop_scale} must satisfy 0 < min <= max <= 1")
+        lo, hi = self.crop_ratio
+        check(0 < lo <= hi, f"{prefix}.crop_ratio: {self.crop_ratio} must satisfy 0 < min <= max")
+        check(0.0 <= self.max_skip_rate <= 1.0, f"{prefix}.max_skip_rate: {self.max_skip_rate} is outside [0, 1]")

@@ -1,0 +1,30 @@
+"""The eval section of a recipe: which sets to evaluate during training, and how often."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from flip_ds.config_loader import check
+
+
+@dataclass
+class EvalSet:
+    name: str
+    kind: Literal["zero_shot", "retrieval"]
+    path: str  # zero_shot: an ImageNet-style folder; retrieval: shards or a CSV/JSONL captions file
+    classnames: str = ""  # zero_shot: a text file, one class name per line ("" = the folder names)
+    templates: str = "clip_short"  # zero_shot: 'clip80', 'clip_short' or a text file of templates with {}
+    batch_size: int = 256
+
+
+@dataclass
+class EvalConfig:
+    every_samples: int = 0  # 0: no in-training evaluation
+    at_end: bool = True  # evaluate once more when the last phase finishes
+    sets: list[EvalSet] = field(default_factory=list)
+
+    def validate(self, prefix: str = "eval") -> None:
+        check(self.every_samples >= 0, f"{prefix}.every_samples: {self.every_samples} must be >= 0")
+        names = [s.name for s in self.sets]
+        check(len(names) == len(set(names)), f"{prefix}.sets: names must be unique, got {names}")

@@ -1,0 +1,49 @@
+"""Analytic parameter and FLOP counts of the FLIP towers (2 FLOPs per multiply-add).
+
+Used by `model-info`, the planner and the benchmarks' MFU. Matches OpenCLIP's profile table,
+which counts the same way: ViT-H/14 image tower 334.6 GFLOPs per 224-px image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from flip_ds.models.config import ModelConfig
+
+
+def transformer_forward_flops(tokens: int, width: int, depth: int, mlp_ratio: float) -> float:
+    """Forward FLOPs of `depth` pre-norm blocks over `tokens` tokens (matmuls + attention scores)."""
+    hidden = width * mlp_ratio
+    per_block = 2 * tokens * (4 * width * width + 2 * width * hidden) + 2 * 2 * tokens * tokens * width
+    return depth * per_block
+
+
+@dataclass(frozen=True)
+class FlopsPerSample:
+    image: float
+    text: float
+
+    @property
+    def forward(self) -> float:
+        return self.image + self.text
+
+    @property
+    def train(self) -> float:
+        """Forward + backward (2x forward); activation recomputation is not model FLOPs."""
+        return 3 * self.forward
+
+
+def flops_per_sample(cfg: ModelConfig, mask_ratio: float = 0.0, context_length: int | None = None) -> FlopsPerSample:
+    """Model FLOPs of one image-text pair with `mask_ratio` of the patches dropped.
+
+    Text is counted at the full context length (padding included: it is computed).
+    """
+    s = cfg.sizes
+    patches = cfg.num_patches
+    kept = int(patches * (1.0 - mask_ratio))
+    patch_embed = 2 * patches * (3 * s.patch_size**2) * s.vision_width
+    image = patch_embed + transformer_forward_flops(kept + 1, s.vision_width, s.vision_depth, s.mlp_ratio)
+    image += 2 * s.vision_width * s.embed_dim
+    ctx = context_length or cfg.context_length
+    text = transformer_forward_flops(ctx, s.text_width, s.text_depth, s.mlp_ratio) + 2 * s.text_width * s.embed_dim
+    return FlopsPerSample(image=float(image), text=float(text))

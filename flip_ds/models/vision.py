@@ -1,0 +1,74 @@
+"""FLIP's image tower: a timm VisionTransformer that encodes only a random subset of its patches."""
+
+from __future__ import annotations
+
+import torch
+from timm.layers import resample_abs_pos_embed
+from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
+from timm.models.vision_transformer import VisionTransformer
+from torch.utils.checkpoint import checkpoint
+
+
+def random_masking(x: torch.Tensor, mask_ratio: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Keep a random `int(L * (1 - mask_ratio))` tokens of each sample (FLIP / MAE).
+
+    `x` is (N, L, D). Each sample gets its own subset: uniform noise per token, drawn on `x`'s
+    device from `generator` (so the mask is reproducible from a seed and no host sync happens),
+    sorted, and the lowest-noise tokens gathered in one indexing op. The kept tokens are returned
+    in their original order, so they stay contiguous in memory for the encoder.
+    """
+    n, length, dim = x.shape
+    keep = int(length * (1.0 - mask_ratio))
+    noise = torch.rand(n, length, device=x.device, generator=generator)
+    ids_keep = noise.argsort(dim=1)[:, :keep].sort(dim=1).values
+    return torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, dim))
+
+
+class MaskedViT(VisionTransformer):
+    """timm's ViT with FLIP's token dropping; its state dict stays loadable by timm.
+
+    Built with `no_embed_class=True`: the position embedding covers the patch grid only and is
+    added before masking; the CLS token is prepended after masking and is never dropped.
+    """
+
+    def __init__(self, *, img_size: int, patch_size: int, width: int, depth: int, heads: int,
+                 mlp_ratio: float, pos_embed: str, pool: str, activation_checkpointing: bool) -> None:
+        super().__init__(img_size=img_size, patch_size=patch_size, embed_dim=width, depth=depth,
+                         num_heads=heads, mlp_ratio=mlp_ratio, num_classes=0, global_pool="",
+                         class_token=True, no_embed_class=True, qkv_bias=True)
+        self.pool = pool
+        self.activation_checkpointing = activation_checkpointing
+        if pos_embed == "sincos":
+            grid = self.patch_embed.grid_size
+            table = build_sincos2d_pos_embed(list(grid), dim=width, temperature=10000.0)
+            self.pos_embed.data.copy_(table.reshape(1, grid[0] * grid[1], width))
+            self.pos_embed.requires_grad_(False)  # FLIP keeps the 2-D sin-cos table fixed
+
+    def forward(self, images: torch.Tensor, mask_ratio: float = 0.0,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+        """Pooled features (N, width) of `images` with `mask_ratio` of the patches dropped."""
+        x = self.patch_embed(images)
+        pos = self.pos_embed
+        if pos.shape[1] != x.shape[1]:  # another resolution than built for (e.g. eval at 256 px)
+            pos = resample_abs_pos_embed(pos, new_size=self.patch_embed.dynamic_feat_size(images.shape[-2:]),
+                                         num_prefix_tokens=0)
+        x = x + pos
+        if mask_ratio > 0.0:
+            x = random_masking(x, mask_ratio, generator)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        x = self.norm_pre(x)
+        for block in self.blocks:
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        x = self.norm(x)
+        return x.mean(dim=1) if self.pool == "avg" else x[:, 0]
+
+
+def timm_kwargs(model: MaskedViT) -> dict[str, object]:
+    """Arguments that make `timm.create_model('vit_base_patch16_224', **kwargs)` match `model`."""
+    return dict(img_size=model.patch_embed.img_size[0], patch_size=model.patch_embed.patch_size[0],
+                embed_dim=model.embed_dim, depth=len(model.blocks), num_heads=model.blocks[0].attn.num_heads,
+                mlp_ratio=model.blocks[0].mlp.fc1.out_features / model.embed_dim, num_classes=0,
+                global_pool="avg" if model.pool == "avg" else "token", class_token=True, no_embed_class=True)
