@@ -26,7 +26,7 @@ class TrainConfig:
     accum_steps: int | None = None  # feature-cache micro batches per step; None: derived from the world size
     seed: int = 0
     precision: Literal["bf16", "fp32"] = "bf16"
-    deepspeed: str = "ds_configs/zero3_bf16.json"  # engine settings only (ZeRO stage, offload, buckets)
+    deepspeed: str = "ds_configs/zero3.json"  # engine settings only (ZeRO stage, offload, buckets)
     max_nonfinite_steps: int = 5  # stop after this many non-finite losses in a row
 
     def validate(self, prefix: str = "train") -> None:
