@@ -4,15 +4,37 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather whose backward hands each rank the summed gradient of its own rows.
+
+    Written out because torch's autograd gathers keep being renamed and deprecated between
+    releases; all_gather and all_reduce are stable on NCCL and gloo alike. The embeddings are
+    small, so all-reducing their gradient costs nothing next to the towers.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        ctx.rows = x.shape[0]
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        start = dist.get_rank() * ctx.rows
+        return grad[start:start + ctx.rows]
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """All ranks' rows of `x`, concatenated in rank order; gradients flow back to their owners."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return x
-    return torch.cat(dist_nn.all_gather(x), dim=0)
+    return _GatherWithGrad.apply(x)
 
 
 def contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor,

@@ -26,10 +26,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from flip_ds.config import load_recipe, world_size_from_env
     from flip_ds.config_loader import to_dict
+    from flip_ds.engine_config import validate_for_launch
 
     recipe = load_recipe(args.config, args.overrides)
     world = args.world_size or world_size_from_env()
-    accum = recipe.validate_world(world)
+    accum = validate_for_launch(recipe, world)
     if args.dry_run:
         import yaml
 

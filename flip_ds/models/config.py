@@ -48,7 +48,8 @@ class ModelConfig:
     activation_checkpointing: bool = True  # torch.utils.checkpoint around every block, both towers
 
     def validate(self, prefix: str = "model") -> None:
-        check(self.name in REGISTRY, f"{prefix}.name: '{self.name}' is not a model; choose one of {', '.join(REGISTRY)}")
+        check(self.name in REGISTRY,
+              f"{prefix}.name: '{self.name}' is not a model; choose one of {', '.join(REGISTRY)}")
         sizes = REGISTRY[self.name]
         size = self.resolved_image_size
         check(size > 0 and size % sizes.patch_size == 0,

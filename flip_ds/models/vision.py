@@ -24,6 +24,19 @@ def random_masking(x: torch.Tensor, mask_ratio: float, generator: torch.Generato
     return torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, dim))
 
 
+def masked_preview(images: torch.Tensor, patch_size: int, mask_ratio: float,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """`images` with the patches that `random_masking` would drop blacked out (for TensorBoard)."""
+    n, _, h, w = images.shape
+    grid_w = w // patch_size
+    positions = torch.arange(h // patch_size * grid_w, dtype=torch.float32, device=images.device)
+    kept = random_masking(positions.expand(n, -1).unsqueeze(-1), mask_ratio, generator).squeeze(-1).long()
+    visible = torch.zeros(n, positions.numel(), device=images.device).scatter_(1, kept, 1.0)
+    visible = visible.view(n, 1, h // patch_size, grid_w)
+    visible = visible.repeat_interleave(patch_size, 2).repeat_interleave(patch_size, 3)
+    return images * visible
+
+
 class MaskedViT(VisionTransformer):
     """timm's ViT with FLIP's token dropping; its state dict stays loadable by timm.
 
@@ -67,8 +80,15 @@ class MaskedViT(VisionTransformer):
 
 
 def timm_kwargs(model: MaskedViT) -> dict[str, object]:
-    """Arguments that make `timm.create_model('vit_base_patch16_224', **kwargs)` match `model`."""
+    """Arguments that make `timm.create_model('vit_base_patch16_224', **kwargs)` compute `model`'s
+    unmasked features and accept its state dict with strict=True.
+
+    FLIP's 'avg' pool is the mean over all tokens, CLS included, after the final norm; timm's
+    'avg' would drop CLS (pool_include_prefix) and move the norm after the pool (fc_norm).
+    Block-level choices timm variants differ on are pinned too, so any vit_* name works.
+    """
     return dict(img_size=model.patch_embed.img_size[0], patch_size=model.patch_embed.patch_size[0],
                 embed_dim=model.embed_dim, depth=len(model.blocks), num_heads=model.blocks[0].attn.num_heads,
                 mlp_ratio=model.blocks[0].mlp.fc1.out_features / model.embed_dim, num_classes=0,
-                global_pool="avg" if model.pool == "avg" else "token", class_token=True, no_embed_class=True)
+                global_pool="avg" if model.pool == "avg" else "token", pool_include_prefix=model.pool == "avg",
+                fc_norm=False, class_token=True, no_embed_class=True, qkv_bias=True, pre_norm=False)

@@ -1,0 +1,49 @@
+"""The DeepSpeed engine: initialised with the optimizer's parameter groups; lr and state control."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from flip_ds.config import Recipe
+from flip_ds.engine_config import deepspeed_config
+from flip_ds.models.flip import no_weight_decay
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if no_weight_decay(name, param) else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def initialize(model: nn.Module, recipe: Recipe, accum_steps: int, device: str):  # -> DeepSpeedEngine
+    import deepspeed
+
+    config = deepspeed_config(recipe, accum_steps, device)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=parameter_groups(model, recipe.optim.weight_decay),
+                                      config=config)
+    return engine
+
+
+def set_lr(engine, lr: float) -> None:
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr
+
+
+@torch.no_grad()
+def reset_optimizer_state(engine) -> None:
+    """Forget Adam's moments and step counts (FLIP's unmasked tuning starts from fresh state).
+
+    Zeroed in place: ZeRO keeps views into these flat buffers, so replacing them would detach
+    the partitions from the optimizer.
+    """
+    for state in engine.basic_optimizer.state.values():
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                value.zero_()
+            elif key == "step":
+                state[key] = 0

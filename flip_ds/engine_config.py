@@ -1,0 +1,76 @@
+"""The DeepSpeed JSON: the engine file the recipe names, plus the fields derived from the recipe.
+
+Torch-free, so the CLI checks it with the recipe before any process starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from flip_ds.config import Recipe
+from flip_ds.config_loader import ConfigError, check
+
+# Fields the engine derives from the recipe and the world size. A DeepSpeed JSON that sets them
+# would be a second source of truth for the same number, so it is refused.
+RECIPE_OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                     "bf16", "fp16", "optimizer", "scheduler", "gradient_clipping")
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def resolve_deepspeed_json(path: str) -> Path:
+    """A DeepSpeed JSON named absolutely, relative to the working directory, or to the project."""
+    for candidate in (Path(path), PROJECT_ROOT / path):
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"train.deepspeed: '{path}' does not exist (looked in {os.getcwd()} and {PROJECT_ROOT})")
+
+
+def load_engine_json(path: str) -> dict[str, Any]:
+    resolved = resolve_deepspeed_json(path)
+    try:
+        config = json.loads(resolved.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"train.deepspeed: '{resolved}' is not valid JSON: {e}") from None
+    for key in RECIPE_OWNED_KEYS:
+        check(key not in config, f"train.deepspeed: '{resolved}' sets '{key}', which the recipe owns "
+                                 "(train.micro_batch / train.global_batch / train.precision / optim.*): remove it")
+    zero = config.get("zero_optimization", {})
+    check(isinstance(zero, dict) and zero.get("stage", 0) in (0, 1, 2, 3),
+          f"train.deepspeed: '{resolved}' needs zero_optimization.stage in 0..3")
+    stray = [k for k in config if k.startswith("stage3_") or k in ("offload_optimizer", "offload_param")]
+    check(not stray, f"train.deepspeed: '{resolved}' has {stray} at the top level; they belong in zero_optimization")
+    return config
+
+
+def deepspeed_config(recipe: Recipe, accum_steps: int, device: str) -> dict[str, Any]:
+    """The engine JSON plus the fields derived from the recipe.
+
+    DeepSpeed's `gradient_accumulation_steps` is our feature-cache micro-batch count: each
+    micro batch is re-forwarded and back-propagated once per step, and the engine steps after the
+    last one.
+    """
+    config = load_engine_json(recipe.train.deepspeed)
+    config["train_micro_batch_size_per_gpu"] = recipe.train.micro_batch
+    config["gradient_accumulation_steps"] = accum_steps
+    config["train_batch_size"] = recipe.train.global_batch
+    config["bf16"] = {"enabled": recipe.train.precision == "bf16"}
+    if recipe.optim.grad_clip > 0:
+        config["gradient_clipping"] = recipe.optim.grad_clip
+    config["optimizer"] = {
+        "type": "AdamW",
+        "params": {"lr": 0.0, "betas": list(recipe.optim.betas), "eps": recipe.optim.eps,
+                   "weight_decay": recipe.optim.weight_decay,
+                   # FusedAdam is a CUDA kernel; on a CPU it would JIT-build for a minute and gain nothing
+                   "torch_adam": device == "cpu"},
+    }
+    return config
+
+
+def validate_for_launch(recipe: Recipe, world_size: int) -> int:
+    """Everything checkable before a process group exists; returns the accumulation steps."""
+    accum = recipe.validate_world(world_size)
+    load_engine_json(recipe.train.deepspeed)
+    return accum

@@ -1,0 +1,91 @@
+"""One optimizer step of contrastive training, with feature-cache gradient accumulation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from flip_ds.loss import contrastive_loss
+from flip_ds.metrics import Stopwatch
+
+
+@dataclass
+class StepOutcome:
+    loss: float
+    temperature: float
+    stepped: bool  # False: skipped (non-finite loss somewhere) or stopped (a rank was signalled)
+    nonfinite: bool
+    stop: bool
+
+
+def mask_seed(seed: int, rank: int, step: int, micro: int) -> int:
+    """The masking noise of (rank, step, micro batch): reproducible after a resume, distinct everywhere."""
+    return int(np.random.SeedSequence([seed, rank, step, micro]).generate_state(1)[0])
+
+
+def _agree(device: str, nonfinite: bool, stop: bool) -> tuple[bool, bool]:
+    """All ranks learn whether any rank saw a non-finite loss or a stop signal: one small
+    all-reduce per step, so they skip or stop together and no collective is left waiting."""
+    flags = torch.tensor([float(nonfinite), float(stop)], device=device)
+    if dist.is_initialized():
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return bool(flags[0]), bool(flags[1])
+
+
+def contrastive_step(engine, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], *, image_mask: float,
+                     text_mask: float, seed: int, rank: int, step: int, device: str,
+                     stop_requested: bool, watch: Stopwatch) -> StepOutcome:
+    """Forward, backward and update over `micro_batches` (this rank's share of the global batch).
+
+    With one micro batch it is a plain step. With k > 1 it is OpenCLIP's feature cache: a no-grad
+    forward of every micro batch, then each micro batch re-forwarded with grad and scored with
+    its live embeddings in place of its cached ones, so every row still sees all k x world
+    negatives (naive accumulation would shrink the pool k-fold). Each re-forward's loss equals the
+    full-batch loss and its gradient is the full gradient's share through that micro batch; the
+    sum over micro batches is the full gradient. The temperature enters every re-forward, so its
+    gradient is scaled by 1/k to be counted once.
+    """
+    k = len(micro_batches)
+
+    def outcome(loss: torch.Tensor, scale: torch.Tensor, stepped: bool, nonfinite: bool = False,
+                stop: bool = False) -> StepOutcome:
+        return StepOutcome(loss.item(), 1.0 / scale.item(), stepped, nonfinite, stop)
+
+    def forward(j: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        images, tokens = micro_batches[j]
+        generator = torch.Generator(device=device).manual_seed(mask_seed(seed, rank, step, j))
+        return engine(images, tokens, image_mask, text_mask, generator)
+
+    if k == 1:
+        image_emb, text_emb, scale = forward(0)
+        loss = contrastive_loss(image_emb, text_emb, scale)
+        nonfinite, stop = _agree(device, not torch.isfinite(loss).item(), stop_requested)
+        if nonfinite or stop:
+            return outcome(loss, scale, False, nonfinite, stop)
+        engine.backward(loss)
+        watch.lap("forward_backward")
+        engine.step()
+        watch.lap("optimizer")
+        return outcome(loss, scale, True)
+
+    with torch.no_grad():
+        cached = [forward(j) for j in range(k)]
+        cached_images = [c[0] for c in cached]
+        cached_texts = [c[1] for c in cached]
+        loss = contrastive_loss(torch.cat(cached_images), torch.cat(cached_texts), cached[0][2])
+    nonfinite, stop = _agree(device, not torch.isfinite(loss).item(), stop_requested)
+    if nonfinite or stop:
+        return outcome(loss, cached[0][2], False, nonfinite, stop)
+    for j in range(k):
+        image_emb, text_emb, scale = forward(j)
+        images = torch.cat(cached_images[:j] + [image_emb] + cached_images[j + 1:])
+        texts = torch.cat(cached_texts[:j] + [text_emb] + cached_texts[j + 1:])
+        scale = scale.detach() + (scale - scale.detach()) / k
+        engine.backward(contrastive_loss(images, texts, scale), scale_wrt_gas=False)
+        watch.lap("forward_backward")
+        engine.step()  # a real update only after the last micro batch
+        watch.lap("optimizer")
+    return outcome(loss, cached[0][2], True)

@@ -1,0 +1,282 @@
+"""The training loop: phases of masked contrastive steps, logged, checkpointed, resumable."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from flip_ds import checkpoint
+from flip_ds import engine as ds_engine
+from flip_ds.config import Recipe
+from flip_ds.config_loader import ConfigError
+from flip_ds.data.pipeline import DataError, TrainStream
+from flip_ds.data.tokenizer import EOS_ID, PAD_ID, Tokenizer
+from flip_ds.distributed import DistEnv, detect_dist_env, init_distributed, shutdown
+from flip_ds.engine_config import validate_for_launch
+from flip_ds.metrics import Stopwatch, TrainLogger, device_peak_tflops, format_eta, peak_memory_bytes
+from flip_ds.models.flip import build_model
+from flip_ds.models.flops import flops_per_sample
+from flip_ds.models.vision import masked_preview
+from flip_ds.schedule import PhasePlan, PhaseSpan
+from flip_ds.signals import StopRequest
+from flip_ds.step import contrastive_step, mask_seed
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by a signal after a complete checkpoint; requeue me
+CLIP_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(3, 1, 1)
+CLIP_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(3, 1, 1)
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint must hold besides the weights and optimizer for an exact resume.
+
+    There are no RNG states: masking noise and the data stream are derived from
+    (seed, rank, step or stream position), so they are reproduced rather than restored.
+    """
+
+    step: int = 0  # the next optimizer step to run
+    phase: int = -1  # the phase the last step ran in (-1: none yet)
+    nonfinite_skipped: int = 0
+    data: dict[str, Any] | None = None
+    eval: dict[str, Any] = field(default_factory=dict)
+
+
+def train(recipe: Recipe) -> int:
+    denv = detect_dist_env()
+    accum = validate_for_launch(recipe, denv.world_size)
+    # DeepSpeed's ZeRO still calls collectives that torch 2.13+ deprecates, on every step
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)`",
+                            category=FutureWarning)
+    _check_inputs(recipe)
+    device = init_distributed(denv)
+    try:
+        status = Trainer(recipe, denv, accum, device).run()
+    except (ConfigError, DataError, NonFiniteError) as e:
+        print(f"flip-ds: error (rank {denv.rank}): {e}", file=sys.stderr)
+        status = 2 if isinstance(e, ConfigError) else 1
+    shutdown()
+    return status
+
+
+def _check_inputs(recipe: Recipe) -> None:
+    if not recipe.data.train:
+        raise ConfigError("data.train: no training shards; add e.g. [{shards: /data/laion/{00000..41407}.tar}]")
+    if not Path(recipe.data.tokenizer).is_file():
+        raise ConfigError(f"data.tokenizer: '{recipe.data.tokenizer}' does not exist (make one with "
+                          "`flip-ds train-tokenizer`)")
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+class Trainer:
+    def __init__(self, recipe: Recipe, denv: DistEnv, accum: int, device: str) -> None:
+        self.recipe, self.denv, self.accum, self.device = recipe, denv, accum, device
+        self.rank = denv.rank
+        self.out = Path(recipe.output_dir)
+        self.ckpt_root = self.out / "checkpoints"
+        self.plan = PhasePlan(recipe.phases, recipe.optim, recipe.train.global_batch)
+        self.tokenizer = Tokenizer(recipe.data.tokenizer, recipe.model.context_length)
+        self.dtype = torch.bfloat16 if recipe.train.precision == "bf16" else torch.float32
+        torch.manual_seed(recipe.train.seed)  # every rank builds the same initial weights
+        model = build_model(recipe.model, self.tokenizer.vocab_size, pad_id=PAD_ID, eos_id=EOS_ID)
+        self.engine = ds_engine.initialize(model, recipe, accum, device)
+        self.state = TrainState()
+        resume = checkpoint.find_resume(recipe, self.ckpt_root)
+        if resume:
+            _, client = self.engine.load_checkpoint(str(resume[0]), tag=resume[1], load_lr_scheduler_states=False)
+            self.state = TrainState(**client["flip_ds"])
+            self.log(f"resumed from {resume[0] / resume[1]} at step {self.state.step} "
+                     f"({self.state.step * recipe.train.global_batch} samples)")
+        self.stream = TrainStream(recipe.data, tokenizer_file=recipe.data.tokenizer,
+                                  context_length=recipe.model.context_length,
+                                  image_size=recipe.model.resolved_image_size, batch_size=recipe.train.micro_batch,
+                                  seed=recipe.train.seed, rank=self.rank, world_size=denv.world_size,
+                                  state=self.state.data)
+        self.logger = TrainLogger(self.out / "tensorboard", self.rank)
+        self.peak_tflops = device_peak_tflops(device, recipe.logging.peak_tflops)
+        self.stop = StopRequest()
+
+    # -- the loop -----------------------------------------------------------------------------
+    def run(self) -> int:
+        r, g = self.recipe, self.recipe.train.global_batch
+        self.stop.install()
+        batches = iter(self.stream)
+        watch = Stopwatch()
+        window_start, window_steps, nonfinite_in_row = time.perf_counter(), 0, 0
+        last_saved = self.state.step if self.state.step > 0 else -1
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+        self.log(f"training {r.model.name} on {self.denv.world_size} rank(s) ({self.device}, {r.train.precision}): "
+                 f"global batch {g} = {r.train.micro_batch} x {self.accum} accum x {self.denv.world_size}; "
+                 f"{self.plan.total_steps} steps, {len(self.plan.spans)} phase(s)")
+        try:
+            for step in range(self.state.step, self.plan.total_steps):
+                span = self.plan.span_at(step)
+                data_state = self.stream.state_dict()  # position before this step's batches
+                watch.lap("other")
+                micro = [self._to_device(next(batches)) for _ in range(self.accum)]
+                watch.lap("data_wait")
+                if span.index != self.state.phase:
+                    self._start_phase(span, step, micro[0][0])
+                lr = self.plan.lr_at(step)
+                ds_engine.set_lr(self.engine, lr)
+                outcome = contrastive_step(self.engine, micro, image_mask=span.phase.mask_ratio,
+                                           text_mask=span.phase.text_mask_ratio, seed=r.train.seed, rank=self.rank,
+                                           step=step, device=self.device, stop_requested=self.stop.requested,
+                                           watch=watch)
+                if outcome.stop:
+                    self.state.step, self.state.data = step, data_state
+                    self._save(step)
+                    self.log(f"stopped by signal {self.stop.signum} at step {step}; checkpoint saved, "
+                             f"exiting {EXIT_PREEMPTED} for a requeue")
+                    return EXIT_PREEMPTED
+                nonfinite_in_row = nonfinite_in_row + 1 if outcome.nonfinite else 0
+                if outcome.nonfinite:
+                    self.state.nonfinite_skipped += 1
+                    self.log(f"step {step}: non-finite loss, step skipped ({nonfinite_in_row} in a row)")
+                    if nonfinite_in_row >= r.train.max_nonfinite_steps:
+                        raise NonFiniteError(f"{nonfinite_in_row} non-finite losses in a row at step {step}; "
+                                             "lower the lr or check the data (train.max_nonfinite_steps)")
+                self.state.step, self.state.data = step + 1, self.stream.state_dict()
+                window_steps += 1
+                if (step + 1) % r.logging.every_steps == 0 or step + 1 == self.plan.total_steps:
+                    self._report(step, span, lr, outcome, watch, time.perf_counter() - window_start, window_steps)
+                    window_start, window_steps = time.perf_counter(), 0
+                if self._eval_due(step):
+                    self._evaluate(step + 1)
+                if self._checkpoint_due(step, span):
+                    self._save(step + 1)
+                    last_saved = step + 1
+            if last_saved != self.plan.total_steps:
+                self._save(self.plan.total_steps)
+            if r.eval.at_end and r.eval.sets and not self._eval_due(self.plan.total_steps - 1):
+                self._evaluate(self.plan.total_steps)
+            self.log(f"done: {self.plan.total_steps * g} samples; checkpoints in {self.ckpt_root}")
+            return 0
+        finally:
+            self.stop.uninstall()
+            self.stream.close()
+            self.logger.close()
+
+    # -- pieces ---------------------------------------------------------------------------------
+    def _to_device(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        images = batch.images.to(self.device, dtype=self.dtype, non_blocking=True)
+        return images, batch.tokens.to(self.device, non_blocking=True)
+
+    def _start_phase(self, span: PhaseSpan, step: int, images: torch.Tensor) -> None:
+        samples = step * self.recipe.train.global_batch
+        reset = span.phase.reset_optimizer and step == span.first_step and self.state.phase >= 0
+        if reset:
+            ds_engine.reset_optimizer_state(self.engine)
+        self.log(f"phase {span.index} '{span.phase.name}' starts at step {step} ({samples} samples): mask "
+                 f"{span.phase.mask_ratio}, peak lr {span.peak_lr:.3g}, {span.steps} steps"
+                 + (", optimizer state reset" if reset else ""))
+        self.logger.text("train/phase", f"{span.phase.name} from step {step}", samples)
+        if self.recipe.logging.masked_image_grid:
+            from torchvision.utils import make_grid
+
+            first = images[:8].float().cpu()
+            generator = torch.Generator().manual_seed(mask_seed(self.recipe.train.seed, self.rank, step, 0))
+            shown = masked_preview(first * CLIP_STD + CLIP_MEAN, self.recipe.model.sizes.patch_size,
+                                   span.phase.mask_ratio, generator)
+            self.logger.image(f"inputs/{span.phase.name}", make_grid(shown.clamp(0, 1), nrow=4), samples)
+        self.state.phase = span.index
+
+    def _report(self, step: int, span: PhaseSpan, lr: float, outcome, watch: Stopwatch, seconds: float,
+                steps: int) -> None:
+        r, g = self.recipe, self.recipe.train.global_batch
+        samples = (step + 1) * g
+        per_s = steps * g / max(seconds, 1e-9)
+        per_device = per_s / self.denv.world_size
+        tflops = flops_per_sample(r.model, span.phase.mask_ratio).train * per_device / 1e12
+        times = {k: v / steps for k, v in watch.take().items()}
+        skips = self._global_skip_counts()
+        grad_norm = self.engine.get_global_grad_norm()
+        scalars = {
+            "train/loss": outcome.loss, "train/lr": lr, "train/temperature": outcome.temperature,
+            "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "train/samples_seen": samples, "train/phase": span.index, "train/mask_ratio": span.phase.mask_ratio,
+            "train/nonfinite_skipped": self.state.nonfinite_skipped,
+            "perf/samples_per_s": per_s, "perf/samples_per_s_per_device": per_device,
+            "perf/tflops_per_device": tflops, "memory/peak_gb": peak_memory_bytes(self.device) / 2**30,
+            **{f"time/{k}_s": v for k, v in times.items()},
+            **{f"data/{k}": v for k, v in skips.items()},
+        }
+        if self.peak_tflops:
+            scalars["perf/mfu"] = tflops / self.peak_tflops
+        self.logger.scalars(scalars, samples)
+        eta = (self.plan.total_steps - step - 1) * g / max(per_s, 1e-9)
+        self.log(f"{span.phase.name} | step {step + 1}/{self.plan.total_steps} | samples {samples} "
+                 f"({100 * samples / (self.plan.total_steps * g):.1f}%) | loss {outcome.loss:.4f} | lr {lr:.3g} | "
+                 f"tau {outcome.temperature:.4f} | {per_s:.1f} samples/s | ETA {format_eta(eta)}")
+
+    def _global_skip_counts(self) -> dict[str, int]:
+        """Skipped-sample counts summed over ranks; stops every rank together above the skip rate."""
+        counts = self.stream.skip_counts()
+        try:
+            self.stream.check_skip_rate()
+            error = ""
+        except DataError as e:
+            error = str(e)
+        keys = sorted(counts)
+        totals = torch.tensor([float(counts[k]) for k in keys] + [float(bool(error))])
+        if dist.is_initialized():
+            dist.all_reduce(totals)
+        if totals[-1] > 0:
+            raise DataError(error or "another rank exceeded data.max_skip_rate (see its error)")
+        return {k: int(v) for k, v in zip(keys, totals[:-1].tolist())}
+
+    def _checkpoint_due(self, step: int, span: PhaseSpan) -> bool:
+        g, c = self.recipe.train.global_batch, self.recipe.checkpoint
+        before, after = step * g, (step + 1) * g
+        periodic = c.every_samples > 0 and before // c.every_samples != after // c.every_samples
+        milestone = any(before < m <= after for m in c.milestones)
+        phase_end = step + 1 == span.first_step + span.steps
+        return periodic or milestone or phase_end
+
+    def _eval_due(self, step: int) -> bool:
+        every = self.recipe.eval.every_samples
+        g = self.recipe.train.global_batch
+        return bool(self.recipe.eval.sets) and every > 0 and (step * g) // every != ((step + 1) * g) // every
+
+    def _save(self, step: int) -> None:
+        g = self.recipe.train.global_batch
+        meta = {"samples_seen": step * g, "step": step, "phase": self.plan.span_at(max(step - 1, 0)).phase.name,
+                "world_size": self.denv.world_size, "model": self.recipe.model.name, "time": time.time()}
+        client = {"flip_ds": self.state.__dict__}
+        path = checkpoint.save(self.engine, self.ckpt_root, step, client, self.recipe, self.recipe.data.tokenizer,
+                               meta, self.rank)
+        milestones = {checkpoint.tag_for(-(-m // g)) for m in self.recipe.checkpoint.milestones}
+        if self.rank == 0:
+            checkpoint.prune(self.ckpt_root, self.recipe.checkpoint.keep_last, milestones)
+        self.log(f"checkpoint {path} ({step * g} samples)")
+
+    def _evaluate(self, steps_done: int) -> None:
+        from flip_ds.evaluation.runner import evaluate
+
+        samples = steps_done * self.recipe.train.global_batch
+        self.engine.eval()
+        results = evaluate(self.engine.module, self.recipe.eval.sets, self.tokenizer,
+                           self.recipe.model.resolved_image_size, self.device, self.dtype)
+        self.engine.train()
+        for name, metrics in results.items():
+            self.logger.scalars({f"eval/{name}/{k}": v for k, v in metrics.items()}, samples)
+            best = self.state.eval.setdefault("best", {}).setdefault(name, {})
+            for k, v in metrics.items():
+                best[k] = max(v, best.get(k, v))
+        self.state.eval["latest"] = {"samples": samples, **results}
+        self.log(f"eval at {samples} samples: {json.dumps(results)}")
+
+    def log(self, message: str) -> None:
+        if self.rank == 0:
+            print(f"[flip-ds] {message}", flush=True)

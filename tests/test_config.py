@@ -1,0 +1,81 @@
+"""Recipe errors: one line naming the key and the allowed values, exit status 2, before anything starts."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from flip_ds.cli import main
+from flip_ds.config import load_recipe
+
+RECIPE = "configs/tiny_cpu.yaml"
+
+CASES = [
+    (["model.nam=tiny"], "unknown key 'model.nam'; ModelConfig has: name,"),
+    (["bogus.key=1"], "unknown key 'bogus'; Recipe has: output_dir,"),
+    (["train.global_batch=lots"], "train.global_batch: expected an integer, got 'lots'"),
+    (["train.precision=fp16"], "train.precision: 'fp16' is not allowed; choose one of 'bf16', 'fp32'"),
+    (["model.name=G/14"], "model.name: 'G/14' is not a model; choose one of tiny, B/16, L/16, L/14, H/14"),
+    (["phases.0.mask_ratio=1.0"], "phases.0.mask_ratio: 1.0 is outside [0, 1)"),
+    (["phases.1.mask_ratio=-0.1"], "phases.1.mask_ratio: -0.1 is outside [0, 1)"),
+    (["model.text_mask_ratio=1.5"], "model.text_mask_ratio: 1.5 is outside [0, 1)"),
+    (["train.global_batch=100"], "train.global_batch: 100 is not a multiple of micro_batch 32 x world size 2 (= 64)"),
+    (["train.accum_steps=2"], "train.global_batch: 64 != micro_batch 32 x accum_steps 2 x world size 2 (= 128)"),
+    (["phases=[]"], "phases: a recipe needs at least one phase"),
+    (["phases.5.samples=1"], "override 'phases.5.samples': 'phases.5' is not an index into a list of 2"),
+    (["data.crop_scale=[0.5]"], "data.crop_scale: expected 2 values"),
+    (["train.deepspeed=nowhere.json"], "train.deepspeed: 'nowhere.json' does not exist"),
+    (["optim.base_lr"], "override 'optim.base_lr' must look like section.key=value"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", CASES, ids=[c[0][0] for c in CASES])
+def test_config_error_is_one_line_with_exit_2(overrides, message, capsys):
+    status = main(["train", "--config", RECIPE, "--dry-run", "--world-size", "2", *overrides])
+    err = capsys.readouterr().err
+    assert status == 2
+    assert message in err, err
+    assert err.count("\n") == 1  # one line
+
+
+def test_deepspeed_json_may_not_own_batch_or_precision(tmp_path, capsys):
+    bad = tmp_path / "ds.json"
+    bad.write_text(json.dumps({"zero_optimization": {"stage": 3}, "train_batch_size": 512}))
+    assert main(["train", "--config", RECIPE, "--dry-run", f"train.deepspeed={bad}"]) == 2
+    assert "sets 'train_batch_size', which the recipe owns" in capsys.readouterr().err
+    stray = tmp_path / "stray.json"
+    stray.write_text(json.dumps({"zero_optimization": {"stage": 3}, "stage3_prefetch_bucket_size": 5e4}))
+    assert main(["train", "--config", RECIPE, "--dry-run", f"train.deepspeed={stray}"]) == 2
+    assert "belong in zero_optimization" in capsys.readouterr().err
+
+
+def test_unknown_key_in_yaml_file(tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: {name: tiny, widht: 3}\nphases: [{name: a, samples: 64}]\n")
+    assert main(["train", "--config", str(recipe), "--dry-run"]) == 2
+    assert "unknown key 'model.widht'" in capsys.readouterr().err
+
+
+def test_missing_recipe_file(capsys):
+    assert main(["train", "--config", "nope.yaml", "--dry-run"]) == 2
+    assert "recipe file 'nope.yaml' does not exist" in capsys.readouterr().err
+
+
+def test_overrides_are_typed_and_applied():
+    r = load_recipe(RECIPE, ["model.name=B/16", "train.global_batch=65536", "phases.0.mask_ratio=0.75",
+                             "optim.betas=[0.9, 0.98]", "resume=none"])
+    assert (r.model.name, r.train.global_batch, r.phases[0].mask_ratio) == ("B/16", 65536, 0.75)
+    assert r.optim.betas == (0.9, 0.98) and r.resume == "none"
+
+
+def test_errors_come_before_any_heavy_import():
+    """The CLI rejects a bad recipe without importing torch or deepspeed (no process group, no model)."""
+    code = ("import sys; from flip_ds.cli import main; "
+            "rc = main(['train', '--config', 'configs/tiny_cpu.yaml', 'model.nam=x']); "
+            "assert 'torch' not in sys.modules and 'deepspeed' not in sys.modules, 'heavy import'; sys.exit(rc)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 2, done.stderr
+    assert "unknown key 'model.nam'" in done.stderr

@@ -1,0 +1,174 @@
+"""The FLIP model: registry sizes, masking, towers, temperature."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flip_ds.models.config import REGISTRY, ModelConfig
+from flip_ds.models.flip import FLIP
+from flip_ds.models.flops import flops_per_sample
+from flip_ds.models.info import count_params
+from flip_ds.models.vision import random_masking
+
+VOCAB = 32000
+
+
+def independent_param_count(name: str, vocab: int, ctx: int = 32) -> tuple[int, int, int]:
+    """Transformer arithmetic, written without looking at the modules: 12 d^2 + 13 d per block
+    (qkv 3d^2+3d, proj d^2+d, fc1 4d^2+4d, fc2 4d^2+d, two LayerNorms 4d)."""
+    s = REGISTRY[name]
+
+    def blocks(d: int, depth: int) -> int:
+        return depth * (12 * d * d + 13 * d)
+
+    patches = (s.image_size // s.patch_size) ** 2
+    d = s.vision_width
+    image = 3 * s.patch_size**2 * d + d + patches * d + d + blocks(d, s.vision_depth) + 2 * d
+    t = s.text_width
+    text = vocab * t + ctx * t + blocks(t, s.text_depth) + 2 * t
+    total = image + text + d * s.embed_dim + t * s.embed_dim + 1
+    return image, text, total
+
+
+@pytest.mark.parametrize("name", list(REGISTRY))
+def test_param_counts_match_formula(name):
+    counted = count_params(name, VOCAB)
+    image, text, total = independent_param_count(name, VOCAB)
+    assert counted["params_image"] == pytest.approx(image, rel=0.01)
+    assert counted["params_text"] == pytest.approx(text, rel=0.01)
+    assert counted["params_total"] == pytest.approx(total, rel=0.01)
+
+
+# OpenCLIP's published profile (image tower incl. projection, M params; GFLOPs per 224-px image)
+OPENCLIP_IMAGE = {"B/16": (86.19, 35.13), "L/14": (303.97, 162.03), "H/14": (632.08, 334.59)}
+
+
+@pytest.mark.parametrize("name", list(OPENCLIP_IMAGE))
+def test_image_tower_matches_openclip_published(name):
+    params, gflops = OPENCLIP_IMAGE[name]
+    s = REGISTRY[name]
+    ours = count_params(name, VOCAB)["params_image"] + s.vision_width * s.embed_dim
+    assert ours / 1e6 == pytest.approx(params, rel=0.02)
+    assert flops_per_sample(ModelConfig(name=name)).image / 1e9 == pytest.approx(gflops, rel=0.02)
+
+
+def test_vit_h_image_tower_is_about_632m():
+    s = REGISTRY["H/14"]
+    image = count_params("H/14", VOCAB)["params_image"] + s.vision_width * s.embed_dim
+    assert image / 1e6 == pytest.approx(632, rel=0.01)
+
+
+def test_masking_keeps_exact_count_distinct_subsets_and_is_seeded():
+    x = torch.arange(4 * 196, dtype=torch.float32).view(4, 196, 1).expand(4, 196, 8).contiguous()
+    kept = random_masking(x, 0.75, torch.Generator().manual_seed(0))
+    assert kept.shape == (4, 49, 8)
+    ids = [set(row[:, 0].tolist()) for row in kept]
+    assert all(len(s) == 49 for s in ids)
+    assert len({frozenset(s) for s in ids}) == 4  # each sample its own subset
+    again = random_masking(x, 0.75, torch.Generator().manual_seed(0))
+    assert torch.equal(kept, again)
+    other = random_masking(x, 0.75, torch.Generator().manual_seed(1))
+    assert not torch.equal(kept, other)
+    for ratio, keep in [(0.5, 98), (0.0, 196), (0.3, 137)]:
+        assert random_masking(x, ratio, torch.Generator().manual_seed(0)).shape[1] == keep
+
+
+def tiny(**kw) -> FLIP:
+    torch.manual_seed(0)
+    return FLIP(ModelConfig(name="tiny", **kw), vocab_size=100).eval()
+
+
+def test_ratio_zero_equals_unmasked_forward_bit_for_bit():
+    model = tiny(activation_checkpointing=False)
+    images = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        plain = model.visual.forward_features(images)  # timm's own forward: no masking code involved
+        ours = model.visual(images, 0.0)
+    assert torch.equal(ours, plain.mean(dim=1))
+
+
+def test_cls_is_always_kept_and_encoder_sees_only_kept_tokens():
+    model = tiny()
+    seen = []
+    model.visual.blocks[0].register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        model.visual(images, 0.75, torch.Generator().manual_seed(0))
+    tokens = seen[0]
+    assert tokens.shape[1] == 1 + 16  # CLS + 25% of 64 patches
+    assert torch.allclose(tokens[:, 0], model.visual.cls_token[0, 0].expand(2, -1))
+
+
+def test_gradients_reach_only_kept_patches():
+    model = tiny(pos_embed="learned")
+    images = torch.randn(1, 3, 64, 64)
+    model.visual(images, 0.5, torch.Generator().manual_seed(3)).sum().backward()
+    pos_grad = model.visual.pos_embed.grad[0].abs().sum(dim=-1)
+    assert int((pos_grad > 0).sum()) == 32  # exactly the kept half of the 64 positions
+
+
+def test_sincos_pos_embed_is_fixed_and_learned_is_trainable():
+    assert not tiny().visual.pos_embed.requires_grad
+    assert tiny(pos_embed="learned").visual.pos_embed.requires_grad
+
+
+def test_pooling_avg_includes_cls_and_cls_pool_takes_token_zero():
+    images = torch.randn(2, 3, 64, 64)
+    for pool in ("avg", "cls"):
+        model = tiny(pool=pool)
+        with torch.no_grad():
+            tokens = model.visual.forward_features(images)
+            expected = tokens.mean(dim=1) if pool == "avg" else tokens[:, 0]
+            assert torch.allclose(model.visual(images), expected, atol=1e-6)
+
+
+def test_text_padding_is_really_masked():
+    model = tiny()
+    tokens = torch.tensor([[2, 10, 11, 12, 3, 0, 0, 0]])
+    other_pad = tokens.clone()
+    other_pad[0, 5:] = 0
+    with torch.no_grad():
+        a = model.encode_text(torch.nn.functional.pad(tokens, (0, 4)))
+        b = model.encode_text(tokens)
+    assert torch.allclose(a, b, atol=1e-5)  # more padding changes nothing: pads are never attended
+
+
+def test_causal_text_pools_eos_and_ignores_later_tokens():
+    model = tiny(text_attention="causal")
+    a = torch.tensor([[2, 10, 11, 3, 0, 0]])
+    b = torch.tensor([[2, 10, 11, 3, 0, 0]])
+    c = torch.tensor([[2, 10, 12, 3, 0, 0]])
+    with torch.no_grad():
+        assert torch.allclose(model.encode_text(a), model.encode_text(b))
+        assert not torch.allclose(model.encode_text(a), model.encode_text(c))
+
+
+def test_text_masking_hides_tokens_but_never_token_zero():
+    model = tiny()
+    tokens = torch.tensor([[2] + list(range(10, 30)) + [3] + [0] * 10])
+    valid = tokens != 0
+    hidden = model.text._random_token_mask(valid, 0.5, torch.Generator().manual_seed(0))
+    assert int(hidden.sum()) == 10 and not hidden[0, 0] and not (hidden & ~valid).any()
+    with torch.no_grad():
+        masked = model.encode_text(tokens, 0.5, torch.Generator().manual_seed(0))
+    assert not torch.allclose(masked, model.encode_text(tokens))
+
+
+def test_embeddings_are_normalised_and_temperature_is_one_element():
+    model = tiny()
+    img, txt, scale = model(torch.randn(2, 3, 64, 64), torch.tensor([[2, 5, 3, 0]] * 2))
+    assert torch.allclose(img.norm(dim=-1), torch.ones(2)) and torch.allclose(txt.norm(dim=-1), torch.ones(2))
+    assert model.log_temperature.shape == (1,) and scale.shape == (1,)
+    assert scale.item() == pytest.approx(1 / 0.01, rel=1e-5)
+
+
+def test_temperature_clipping_holds_after_a_step_pushes_past_the_limit():
+    model = tiny(temperature_init=0.01, temperature_min=0.01)
+    opt = torch.optim.SGD([model.log_temperature], lr=10.0)
+    _, _, scale = model(torch.randn(2, 3, 64, 64), torch.tensor([[2, 5, 3, 0]] * 2))
+    (-scale).sum().backward()  # wants a larger scale, i.e. a smaller tau
+    opt.step()
+    assert model.log_temperature.exp().item() < 0.01  # the raw parameter went past the limit ...
+    _, _, scale = model(torch.randn(2, 3, 64, 64), torch.tensor([[2, 5, 3, 0]] * 2))
+    assert scale.item() == pytest.approx(100.0, rel=1e-5)  # ... the forward still clips it to tau 0.01
