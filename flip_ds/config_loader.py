@@ -65,6 +65,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
         return from_dict(tp, value, key)
+    if tp in (int, float) and isinstance(value, str):
+        value = _yaml_number(value)  # PyYAML reads 4e-6 (no dot) as a string; users mean a number
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{key}: expected true or false, got {value!r}")
@@ -84,6 +86,13 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return value
     raise TypeError(f"unsupported config field type {tp!r} at {key}")
+
+
+def _yaml_number(text: str) -> Any:
+    try:
+        return float(text)
+    except ValueError:
+        return text
 
 
 def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:

@@ -45,3 +45,27 @@ def torchrun(args: list[str], nproc: int = 2, timeout: float = 300, env: dict[st
            "--master_port", str(free_port()), "-m", "flip_ds", *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd,
                           env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def spawn_ranks(args: list[str], nproc: int = 2, env: dict[str, str] | None = None,
+                cwd: Path = REPO) -> list[subprocess.Popen]:
+    """One `python -m flip_ds ARGS` process per rank with the launcher's environment set by hand
+    (what the deepspeed launcher does), so each rank's exit status and PID are the test's to see."""
+    port = str(free_port())
+    procs = []
+    for rank in range(nproc):
+        rank_env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc),
+                    "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
+                    "OMP_NUM_THREADS": "1", **(env or {})}
+        procs.append(subprocess.Popen([sys.executable, "-m", "flip_ds", *args], cwd=cwd, env=rank_env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    return procs
+
+
+def scalars(log_dir: Path, tag: str) -> dict[int, float]:
+    """A TensorBoard scalar read back from the event files: {samples seen: value}."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {e.step: e.value for e in acc.Scalars(tag)}

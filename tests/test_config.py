@@ -79,3 +79,13 @@ def test_errors_come_before_any_heavy_import():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 2, done.stderr
     assert "unknown key 'model.nam'" in done.stderr
+
+
+def test_scientific_notation_without_a_dot_is_a_number(tmp_path):
+    """PyYAML reads `4e-6` as a string (YAML 1.1); a recipe author means the number."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("optim: {base_lr: 4e-6}\ntrain: {global_batch: 6.4e4, micro_batch: 256}\n"
+                      "phases: [{name: a, samples: 1.28e10}]\n")
+    r = load_recipe(str(recipe), ["phases.0.warmup_samples=5e7"])
+    assert r.optim.base_lr == 4e-6 and r.train.global_batch == 64000
+    assert r.phases[0].samples == 12_800_000_000 and r.phases[0].warmup_samples == 50_000_000

@@ -1,0 +1,119 @@
+"""Engine pieces under the real DeepSpeed engine: ZeRO-3 partitioning, non-finite steps, the
+optimizer reset, activation checkpointing's memory, and the phase / lr plan."""
+
+from __future__ import annotations
+
+import deepspeed
+import pytest
+import torch
+
+from flip_ds.config import load_recipe
+from flip_ds.engine import initialize, reset_optimizer_state
+from flip_ds.memory import saved_activation_bytes
+from flip_ds.metrics import Stopwatch
+from flip_ds.models.config import ModelConfig
+from flip_ds.models.flip import FLIP, build_model
+from flip_ds.schedule import PhasePlan
+from flip_ds.step import contrastive_step
+from tests.distributed_helpers import run_on_ranks
+from tests.engine_helpers import synthetic_batches, tiny_recipe
+
+
+def _engine(tmp, *overrides):
+    recipe = tiny_recipe(tmp, "train.global_batch=16", "train.micro_batch=8", *overrides)
+    torch.manual_seed(0)
+    return initialize(build_model(recipe.model, vocab_size=100), recipe, accum_steps=1, device="cpu")
+
+
+def _step(engine, rank, step, images=None):
+    batch = synthetic_batches(rank, 1, 8)[0]
+    if images is not None:
+        batch = (images, batch[1])
+    return contrastive_step(engine, [batch], image_mask=0.5, text_mask=0.0, seed=0, rank=rank, step=step,
+                            device="cpu", stop_requested=False, watch=Stopwatch())
+
+
+def _partition_check(rank: int, world: int, tmp) -> None:
+    engine = _engine(tmp / f"r{rank}", "train.precision=bf16")
+    params = list(engine.module.parameters())
+    held = sum(p.ds_tensor.numel() for p in params)
+    total = sum(p.ds_numel for p in params)
+    assert total == sum(p.numel() for p in FLIP(ModelConfig(name="tiny"), 100).parameters())
+    for p in params:  # every parameter, the 1-element temperature included, is split in two
+        assert p.ds_tensor.numel() == -(-p.ds_numel // world), p.ds_numel
+        assert p.numel() == 0  # released outside forward
+    assert abs(held - total / world) <= len(params)
+    assert _step(engine, rank, 0).stepped
+    assert all(p.numel() == 0 for p in params)  # still released after a full step
+    engine.destroy()
+
+
+def test_zero3_each_rank_holds_half_of_every_parameter(tmp_path):
+    run_on_ranks(_partition_check, 2, tmp_path)
+
+
+def _nonfinite_check(rank: int, world: int, tmp) -> None:
+    engine = _engine(tmp / f"r{rank}", "train.precision=fp32")
+    params = [p for p in engine.module.parameters() if p.requires_grad]
+    with deepspeed.zero.GatheredParameters(params):
+        before = [p.detach().clone() for p in params]
+    images = synthetic_batches(rank, 1, 8)[0][0]
+    if rank == 1:  # only one rank sees the bad batch: both must skip, or the collectives would hang
+        images = images.clone()
+        images[0, 0, 0, 0] = float("nan")
+    outcome = _step(engine, rank, 0, images)
+    assert outcome.nonfinite and not outcome.stepped
+    with deepspeed.zero.GatheredParameters(params):
+        assert all(torch.equal(p, b) for p, b in zip(params, before))  # no update happened
+    assert _step(engine, rank, 1).stepped  # and the next finite step trains normally
+    engine.destroy()
+
+
+def test_a_nonfinite_loss_on_one_rank_skips_the_step_on_all(tmp_path):
+    run_on_ranks(_nonfinite_check, 2, tmp_path)
+
+
+def _reset_check(rank: int, world: int, tmp) -> None:
+    engine = _engine(tmp / f"r{rank}", "train.precision=bf16")
+    _step(engine, rank, 0)
+    state = engine.basic_optimizer.state
+    assert any(float(s["exp_avg"].abs().sum()) > 0 for s in state.values())
+    reset_optimizer_state(engine)
+    for s in state.values():
+        assert float(s["exp_avg"].abs().sum()) == 0 and float(s["exp_avg_sq"].abs().sum()) == 0
+        assert int(s["step"]) == 0
+    assert _step(engine, rank, 1).stepped  # Adam restarts from fresh moments without error
+    engine.destroy()
+
+
+def test_optimizer_reset_zeroes_adam_state_under_zero3(tmp_path):
+    run_on_ranks(_reset_check, 2, tmp_path)
+
+
+@pytest.mark.parametrize("name,batch", [("tiny", 8), ("B/16", 2)])
+def test_activation_checkpointing_cuts_saved_activations(name, batch):
+    """The recipe switch takes effect: what autograd keeps for backward drops several-fold."""
+    size = ModelConfig(name=name).resolved_image_size
+    images, tokens = torch.randn(batch, 3, size, size), torch.randint(4, 100, (batch, 32))
+    saved = {}
+    for ac in (False, True):
+        torch.manual_seed(0)
+        model = FLIP(ModelConfig(name=name, activation_checkpointing=ac), vocab_size=100)
+        out, saved[ac] = saved_activation_bytes(lambda m=model: m(images, tokens, 0.5), model.parameters())
+        sum(t.sum() for t in out).backward()  # and it still back-propagates
+    assert saved[True] < saved[False] / 4, saved
+
+
+def test_phase_plan_lr_warmup_cosine_and_switch():
+    recipe = load_recipe("configs/tiny_cpu.yaml", [
+        "train.global_batch=64", "optim.base_lr=2.56e-3",
+        "phases=[{name: a, samples: 640, warmup_samples: 128}, {name: b, samples: 130, base_lr: 2.56e-4}]"])
+    plan = PhasePlan(recipe.phases, recipe.optim, 64)
+    assert plan.total_steps == 10 + 3  # a phase that does not divide rounds up to whole steps
+    assert [plan.span_at(s).index for s in (0, 9, 10, 12)] == [0, 0, 1, 1]
+    peak = 2.56e-3 * 64 / 256
+    assert plan.lr_at(0) == pytest.approx(peak * 64 / 192)  # linear warmup, counted in samples
+    assert plan.lr_at(1) == pytest.approx(peak * 128 / 192)
+    assert plan.lr_at(2) == pytest.approx(peak)  # warmup done: cosine starts at the peak
+    assert plan.lr_at(9) == pytest.approx(peak * 0.5 * (1 + torch.cos(torch.tensor(7 / 8 * torch.pi)).item()))
+    assert plan.lr_at(10) == pytest.approx(peak / 10)  # phase b: its own peak, no warmup

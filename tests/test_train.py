@@ -1,0 +1,172 @@
+"""The training engine end to end: real DeepSpeed (ZeRO-1/2/3), 2 CPU ranks over gloo, real shards,
+real TensorBoard files read back, real signals and kills."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from flip_ds.train import EXIT_PREEMPTED
+from tests.distributed_helpers import scalars, spawn_ranks, torchrun
+from tests.engine_helpers import ZERO3_PARTITION_ALL, write_json
+
+G = 16  # global batch: 8 per rank
+
+
+def train_args(demo, out: Path, *overrides: str, ds: str | None = None, steps: tuple[int, int] = (10, 2)) -> list[str]:
+    """The tiny recipe on the test's small built-in dataset: `steps` optimizer steps per phase."""
+    return ["train", "--config", "configs/tiny_cpu.yaml", f"output_dir={out}", "resume=auto",
+            f"data.train=[{{shards: '{demo.train}'}}]", f"data.tokenizer={demo.tokenizer}", "data.workers=1",
+            "data.sample_shuffle=64", f"train.global_batch={G}", f"train.micro_batch={G // 2}",
+            f"phases.0.samples={steps[0] * G}", f"phases.0.warmup_samples={2 * G}",
+            f"phases.1.samples={steps[1] * G}", "phases.1.warmup_samples=0", "checkpoint.every_samples=0",
+            "logging.every_steps=1", "eval.sets=[]", *([f"train.deepspeed={ds}"] if ds else []), *overrides]
+
+
+def wait_all(procs, timeout: float = 300) -> list[tuple[int, str]]:
+    out = []
+    for p in procs:
+        stdout, _ = p.communicate(timeout=timeout)
+        out.append((p.returncode, stdout))
+    return out
+
+
+def losses(out: Path) -> dict[int, float]:
+    return scalars(out / "tensorboard", "train/loss")
+
+
+@pytest.fixture(scope="module")
+def zero3_json(tmp_path_factory) -> str:
+    return write_json(tmp_path_factory.mktemp("ds") / "zero3.json", ZERO3_PARTITION_ALL)
+
+
+@pytest.fixture(scope="module")
+def reference_run(demo_shards, zero3_json, tmp_path_factory) -> Path:
+    """12 uninterrupted fp32 steps (10 masked + 2 unmasked), checkpoints every 4 steps, at the phase
+    end (10) and a milestone at step 11: the curve the resumed runs must reproduce."""
+    out = tmp_path_factory.mktemp("reference")
+    done = torchrun(train_args(demo_shards, out, "train.precision=fp32", f"checkpoint.every_samples={4 * G}",
+                               f"checkpoint.milestones=[{11 * G}]", ds=zero3_json))
+    assert done.returncode == 0, done.stdout + done.stderr
+    return out
+
+
+def test_zero3_bf16_with_activation_checkpointing_learns_from_shards(demo_shards, zero3_json, tmp_path):
+    out = tmp_path / "run"
+    done = torchrun(train_args(demo_shards, out, "train.precision=bf16", "model.activation_checkpointing=true",
+                               "optim.base_lr=4e-3", ds=zero3_json, steps=(30, 2)))
+    assert done.returncode == 0, done.stdout + done.stderr
+    curve = [v for _, v in sorted(losses(out).items())]
+    assert sum(curve[-5:]) / 5 < sum(curve[:5]) / 5 - 0.1, curve  # the loss falls
+
+
+def test_reference_run_writes_every_scalar_and_the_phase_switch(reference_run):
+    tb = reference_run / "tensorboard"
+    for tag in ["train/loss", "train/lr", "train/temperature", "train/grad_norm", "train/samples_seen",
+                "train/phase", "train/mask_ratio", "train/nonfinite_skipped", "perf/samples_per_s",
+                "perf/samples_per_s_per_device", "perf/tflops_per_device", "memory/peak_gb", "time/data_wait_s",
+                "time/forward_backward_s", "time/optimizer_s", "data/samples_read", "data/corrupt_image"]:
+        assert scalars(tb, tag), tag
+    mask = scalars(tb, "train/mask_ratio")
+    assert all(mask[s] == 0.5 for s in range(G, 10 * G + 1, G))  # phase 0: 10 steps masked
+    assert all(mask[s] == 0.0 for s in (11 * G, 12 * G))  # the switch is at sample 160
+    lr = scalars(tb, "train/lr")
+    assert lr[11 * G] == pytest.approx(2e-4 * G / 256)  # phase 1 restarts at its own peak (no warmup)
+    assert lr[10 * G] < 0.05 * lr[3 * G]  # phase 0 decayed by cosine towards zero
+    meta = json.loads((reference_run / "checkpoints" / "step_00000012" / "meta.json").read_text())
+    assert meta["samples_seen"] == 12 * G and meta["phase"] == "unmasked_tuning"
+
+
+def test_zero_stages_agree_in_fp32(demo_shards, reference_run, tmp_path):
+    """ZeRO-1 and ZeRO-2 give the ZeRO-3 reference's losses for the first steps."""
+    ref = losses(reference_run)
+    for stage in (1, 2):
+        ds = write_json(tmp_path / f"z{stage}.json", {"zero_optimization": {"stage": stage}})
+        out = tmp_path / f"z{stage}"
+        done = torchrun(train_args(demo_shards, out, "train.precision=fp32", "phases.0.samples=64",
+                                   "phases.1.samples=16", ds=ds))
+        assert done.returncode == 0, done.stdout + done.stderr
+        for samples, loss in losses(out).items():
+            if samples <= 4 * G:
+                assert loss == pytest.approx(ref[samples], abs=1e-5), (stage, samples)
+
+
+def test_kill_9_one_rank_then_resume_auto_matches_uninterrupted(demo_shards, zero3_json, reference_run, tmp_path):
+    out = tmp_path / "killed"
+    args = train_args(demo_shards, out, "train.precision=fp32", f"checkpoint.every_samples={4 * G}", ds=zero3_json)
+    procs = spawn_ranks(args)
+    latest = out / "checkpoints" / "latest"
+    deadline = time.time() + 240
+    while not (latest.exists() and latest.read_text().strip() == "step_00000008"):
+        assert time.time() < deadline and all(p.poll() is None for p in procs), "no checkpoint at step 8"
+        time.sleep(0.05)
+    procs[1].send_signal(signal.SIGKILL)
+    procs[0].kill()  # what torchrun/srun do to the survivors when a rank dies
+    wait_all(procs)
+    # debris of a save interrupted by the kill: shards without meta.json, newer than `latest`
+    debris = out / "checkpoints" / "step_00000010"
+    if not debris.exists():
+        shutil.copytree(out / "checkpoints" / "step_00000008", debris)
+        (debris / "meta.json").unlink()
+    done = torchrun(args)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "resumed from" in done.stdout and "step_00000008" in done.stdout
+    ref, resumed = losses(reference_run), losses(out)
+    for samples in range(9 * G, 12 * G + 1, G):  # steps after the checkpoint, across the phase switch
+        assert resumed[samples] == pytest.approx(ref[samples], abs=1e-6), samples
+
+
+def test_resume_from_either_side_of_the_phase_switch(demo_shards, zero3_json, reference_run, tmp_path):
+    """From the checkpoint at the switch (the optimizer reset still to come) and from one after it."""
+    ref = losses(reference_run)
+    src = reference_run / "checkpoints"
+    for tag, first in (("step_00000010", 11), ("step_00000011", 12)):
+        out = tmp_path / tag
+        done = torchrun(train_args(demo_shards, out, "train.precision=fp32", f"resume={src / tag}", ds=zero3_json))
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert ("optimizer state reset" in done.stdout) == (first == 11)
+        resumed = losses(out)
+        for samples in range(first * G, 12 * G + 1, G):
+            assert resumed[samples] == pytest.approx(ref[samples], abs=1e-6), samples
+
+
+def test_sigusr1_then_a_second_signal_checkpoint_exit_75_and_resume(demo_shards, zero3_json, tmp_path):
+    """SLURM's warning signal makes every rank finish its step, save and exit 75; a SIGTERM arriving
+    during the save changes nothing; the rerun resumes from that checkpoint."""
+    out = tmp_path / "signalled"
+    args = train_args(demo_shards, out, "train.precision=bf16", ds=zero3_json, steps=(400, 2))
+    procs = spawn_ranks(args)
+    deadline = time.time() + 240
+    while _logged_steps(out) < 3:
+        assert time.time() < deadline and all(p.poll() is None for p in procs), "training did not start"
+        time.sleep(0.1)
+    for sig in (signal.SIGUSR1, signal.SIGTERM):  # SLURM signals every task of the step
+        for p in procs:
+            p.send_signal(sig)
+        time.sleep(0.2)
+    results = wait_all(procs)
+    assert [rc for rc, _ in results] == [EXIT_PREEMPTED, EXIT_PREEMPTED], results
+    assert "stopped by signal" in results[0][1]
+    tag = (out / "checkpoints" / "latest").read_text().strip()
+    meta = json.loads((out / "checkpoints" / tag / "meta.json").read_text())
+    assert 3 * G <= meta["samples_seen"] < 400 * G
+    shards = sorted(p.name for p in (out / "checkpoints" / tag).glob("*model_states.pt"))
+    assert shards == ["zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_model_states.pt"]
+    done = torchrun([*args, f"phases.0.samples={meta['samples_seen'] + 2 * G}"])
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"resumed from {out / 'checkpoints' / tag}" in done.stdout
+
+
+def _logged_steps(out: Path) -> int:
+    tb = out / "tensorboard"
+    if not tb.is_dir() or not any(tb.iterdir()):
+        return 0
+    try:
+        return len(losses(out))
+    except KeyError:  # no scalar written yet
+        return 0
