@@ -13,6 +13,12 @@ from flip_ds.config_loader import ConfigError
 COMMANDS = [
     "flip_ds.cli.train",
     "flip_ds.cli.model_info",
+    "flip_ds.cli.demo", "flip_ds.cli.bench",
+    "flip_ds.cli.plan",
+    "flip_ds.cli.slurm",
+    "flip_ds.cli.make_shards", "flip_ds.cli.demo_data", "flip_ds.cli.train_tokenizer", "flip_ds.cli.bench_data",
+    "flip_ds.cli.eval",
+    "flip_ds.cli.export",
 ]
 
 
@@ -22,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="FLIP (masked-image CLIP) pre-training on PyTorch + DeepSpeed.",
         epilog="Run 'flip-ds COMMAND --help' for each command's options.",
     )
+    # the deepspeed launcher passes --local_rank=N before the subcommand; LOCAL_RANK carries it too
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
         importlib.import_module(name).register(sub)

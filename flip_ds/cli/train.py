@@ -19,7 +19,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="validate the recipe for the world size and print the resolved plan, then exit")
     p.add_argument("--world-size", type=int, default=None,
                    help="world size to validate against (default: from WORLD_SIZE / SLURM_NTASKS, else 1)")
-    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     p.set_defaults(func=run)
 
 
