@@ -18,8 +18,11 @@ class DataConfig:
     train: list[DataSource] = field(default_factory=list)
     tokenizer: str = ""  # SentencePiece .model file (flip-ds train-tokenizer makes one)
     workers: int = 4  # loader processes per rank
-    shard_shuffle: int = 100  # shards buffered per worker before samples are drawn from them
-    sample_shuffle: int = 1000  # sample shuffle buffer per worker
+    resample: bool = True  # draw shards with replacement, forever (LAION-style); false: a fixed list in passes
+    # Shards open at once per worker, samples drawn from them at random. A resumed worker re-reads
+    # (without decoding) the consumed part of each, so more mixing costs a slower resume.
+    shard_shuffle: int = 8
+    sample_shuffle: int = 1000  # samples read per shuffled block per worker (a resume re-reads one block)
     crop_scale: tuple[float, float] = (0.5, 1.0)  # FLIP's RandomResizedCrop area range
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     hflip: bool = True
@@ -38,3 +41,5 @@ class DataConfig:
         lo, hi = self.crop_ratio
         check(0 < lo <= hi, f"{prefix}.crop_ratio: {self.crop_ratio} must satisfy 0 < min <= max")
         check(0.0 <= self.max_skip_rate <= 1.0, f"{prefix}.max_skip_rate: {self.max_skip_rate} is outside [0, 1]")
+        check(self.skip_rate_min_samples >= 0,
+              f"{prefix}.skip_rate_min_samples: {self.skip_rate_min_samples} must be >= 0")

@@ -1,0 +1,203 @@
+"""Writing image-caption pairs as webdataset shards in img2dataset's layout.
+
+Each sample becomes KEY.jpg, KEY.txt (the caption, UTF-8) and KEY.json (key, caption, source path,
+sizes), in shards {00000..N}.tar of `samples_per_shard` samples; keys are img2dataset's: the shard
+number (5 digits) then the index in the shard. A JPEG that needs no resizing is stored byte for
+byte; anything else is re-encoded as JPEG. The output depends only on the input: rows keep their
+order, workers return results in order, tar headers carry no time or owner of this machine.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import zlib
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from multiprocessing import Pool
+from pathlib import Path
+
+from PIL import Image
+from tqdm import tqdm
+from webdataset import ShardWriter
+
+from flip_ds.config_loader import ConfigError
+
+PATH_COLUMNS = ("path", "image", "filepath", "file")
+CAPTION_COLUMNS = ("caption", "text", "title")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+SKIP_CAUSES = ("missing_file", "corrupt_image", "empty_caption")
+
+
+@dataclass(frozen=True)
+class Pair:
+    path: str  # as written in the captions file (or relative to the class tree)
+    file: str  # where to read it
+    caption: str
+
+
+@dataclass
+class Summary:
+    samples: int
+    shards: int
+    skipped: dict[str, int]
+    out: str
+
+    def line(self) -> str:
+        skipped = ", ".join(f"{k} {v}" for k, v in self.skipped.items() if v) or "nothing"
+        return f"wrote {self.samples} samples in {self.shards} shard(s) to {self.out}; skipped: {skipped}"
+
+
+def _column(fields: list[str], wanted: str | None, candidates: tuple[str, ...], source: str, what: str) -> str:
+    if wanted:
+        if wanted not in fields:
+            raise ConfigError(f"captions file '{source}' has no column '{wanted}'; it has {fields}")
+        return wanted
+    found = next((c for c in candidates if c in fields), None)
+    if found is None:
+        raise ConfigError(f"captions file '{source}' needs a {what} column (one of {', '.join(candidates)}, or name "
+                          f"it with --{what}-column); it has {fields}")
+    return found
+
+
+def read_captions(captions: str, images: str, path_column: str | None = None,
+                  caption_column: str | None = None) -> list[Pair]:
+    """Rows of a CSV/TSV, JSONL or parquet file: an image path (relative to `images`) and a caption."""
+    source = Path(captions)
+    if not source.is_file():
+        raise ConfigError(f"captions file '{captions}' does not exist")
+    suffix = source.suffix.lower()
+    if suffix in (".csv", ".tsv"):
+        with open(source, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
+            fields, rows = list(reader.fieldnames or []), list(reader)
+    elif suffix in (".jsonl", ".json"):
+        with open(source, encoding="utf-8") as f:
+            try:
+                rows = [json.loads(line) for line in f if line.strip()]
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"captions file '{captions}' is not JSON lines: {e}") from None
+        fields = sorted({k for row in rows if isinstance(row, dict) for k in row})
+    elif suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise ConfigError("reading parquet needs pyarrow: pip install pyarrow") from None
+        table = pq.read_table(source)
+        fields, rows = table.column_names, table.to_pylist()
+    else:
+        raise ConfigError(f"captions file '{captions}': unknown format '{suffix}' (use .csv, .tsv, .jsonl or .parquet)")
+    path_col = _column(fields, path_column, PATH_COLUMNS, captions, "path")
+    caption_col = _column(fields, caption_column, CAPTION_COLUMNS, captions, "caption")
+    pairs = []
+    for row in rows:
+        path = str(row.get(path_col) or "")  # an empty path or caption is skipped and counted later
+        pairs.append(Pair(path, os.path.join(images, path) if path else "", str(row.get(caption_col) or "")))
+    return pairs
+
+
+def read_templates(templates: str) -> list[str]:
+    """A file of templates (one a line) or one template; each has a single {} for the class name."""
+    lines = Path(templates).read_text(encoding="utf-8").splitlines() if os.path.isfile(templates) else [templates]
+    lines = [t.strip() for t in lines if t.strip()]
+    if not lines or any(t.count("{}") != 1 for t in lines):
+        raise ConfigError(f"templates '{templates}': every template needs exactly one {{}} for the class name")
+    return lines
+
+
+def read_class_tree(root: str, templates: list[str], classnames: str | None = None) -> list[Pair]:
+    """One pair per image of a class-per-folder tree; caption = a template filled with the class name.
+
+    The template of an image is chosen by a hash of its path, so adding images changes no other caption.
+    Class names are the folder names with '_' as spaces, or the lines of `classnames` (sorted folder order).
+    """
+    base = Path(root)
+    if not base.is_dir():
+        raise ConfigError(f"class folder tree '{root}' does not exist")
+    classes = sorted(d.name for d in base.iterdir() if d.is_dir())
+    if not classes:
+        raise ConfigError(f"class folder tree '{root}' has no class sub-folders")
+    names = [c.replace("_", " ") for c in classes]
+    if classnames:
+        names = [n.strip() for n in Path(classnames).read_text(encoding="utf-8").splitlines() if n.strip()]
+        if len(names) != len(classes):
+            raise ConfigError(f"classnames '{classnames}' has {len(names)} names for {len(classes)} class folders")
+    pairs = []
+    for folder, name in zip(classes, names):
+        for file in sorted((base / folder).rglob("*")):
+            if file.suffix.lower() in IMAGE_SUFFIXES:
+                rel = file.relative_to(base).as_posix()
+                pairs.append(Pair(rel, str(file), templates[zlib.crc32(rel.encode()) % len(templates)].format(name)))
+    return pairs
+
+
+def _encode(pair: Pair, max_side: int, quality: int) -> tuple[bytes, dict] | str:
+    """(JPEG bytes, metadata) of one pair, or the skip cause."""
+    if not pair.caption.strip():
+        return "empty_caption"
+    try:
+        with open(pair.file, "rb") as f:
+            data = f.read()
+    except OSError:  # not there, a directory, no permission, or an empty path
+        return "missing_file"
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()  # a full decode: truncated or corrupt files are caught here
+        original = image.size
+        scale = max_side / max(original) if max_side else 1.0
+        if scale < 1.0 or image.format != "JPEG":  # otherwise the original bytes are stored
+            image = image.convert("RGB")
+            if scale < 1.0:
+                size = (max(1, round(original[0] * scale)), max(1, round(original[1] * scale)))
+                image = image.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+            out = io.BytesIO()
+            image.save(out, format="JPEG", quality=quality)
+            data = out.getvalue()
+        size = image.size
+    except Exception:  # PIL raises many exception types on hostile bytes
+        return "corrupt_image"
+    meta = {"caption": pair.caption, "source": pair.path, "width": size[0], "height": size[1],
+            "original_width": original[0], "original_height": original[1], "status": "success"}
+    return data, meta
+
+
+def _encode_job(job: tuple[Pair, int, int]) -> tuple[bytes, dict] | str:
+    return _encode(*job)
+
+
+def write_shards(pairs: list[Pair], out: str, samples_per_shard: int = 10000, max_side: int = 0,
+                 quality: int = 95, workers: int = 1, progress: bool = True) -> Summary:
+    """Write `pairs` as shards under `out`, in order, skipping (and counting) what cannot be used."""
+    if samples_per_shard < 1:
+        raise ConfigError(f"samples per shard: {samples_per_shard} must be >= 1")
+    if max_side < 0:
+        raise ConfigError(f"max side: {max_side} must be >= 0 (0 keeps the size)")
+    Path(out).mkdir(parents=True, exist_ok=True)
+    stale = sorted(Path(out).glob("*.tar"))
+    if stale:
+        raise ConfigError(f"output directory '{out}' already holds shards ({stale[0].name}, ...); use an empty one")
+    digits = len(str(samples_per_shard - 1))
+    skipped: Counter[str] = Counter(dict.fromkeys(SKIP_CAUSES, 0))
+    written = 0
+    jobs = ((pair, max_side, quality) for pair in pairs)
+    with Pool(max(workers, 1)) as pool, ShardWriter(os.path.join(out, "%05d.tar"), maxcount=samples_per_shard,
+                                                    verbose=0, encoder=False, mtime=0) as sink:
+        results: Iterator = pool.imap(_encode_job, jobs, chunksize=16)
+        for result in tqdm(results, total=len(pairs), unit="img", disable=not progress, desc="make-shards"):
+            if isinstance(result, str):
+                skipped[result] += 1
+                continue
+            data, meta = result
+            key = f"{written // samples_per_shard:05d}{written % samples_per_shard:0{digits}d}"
+            sink.write({"__key__": key, "jpg": data, "txt": meta["caption"].encode("utf-8"),
+                        "json": json.dumps({"key": key, **meta}, ensure_ascii=False).encode("utf-8")})
+            written += 1
+        shards = sink.shard
+    summary = Summary(written, shards if written else 0, dict(skipped), out)
+    if not written:  # ShardWriter opened one shard before it knew there would be nothing to write
+        for tar in Path(out).glob("*.tar"):
+            tar.unlink()
+    return summary

@@ -1,0 +1,176 @@
+"""The data tools through the real CLI: make-shards, train-tokenizer, demo-data, bench-data."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from flip_ds.cli import main
+from flip_ds.config_loader import ConfigError
+from flip_ds.data.make_shards import read_captions, write_shards
+from flip_ds.data.reader import ShardReader
+from flip_ds.data.synthetic import HELD_OUT, make_demo_dataset
+from flip_ds.data.tokenizer import Tokenizer
+
+
+def read_back(out: Path) -> list[dict]:
+    samples = []
+    for shard in sorted(out.glob("*.tar")):
+        reader = ShardReader(str(shard))
+        samples += list(reader)
+        assert reader.fault is None
+    return samples
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> tuple[Path, list[tuple[str, str]]]:
+    """Images of several kinds plus (path, caption) rows: 5 usable, 3 to skip."""
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "images"
+    (folder / "sub").mkdir(parents=True)
+    for name, size in [("a.jpg", (40, 30)), ("big.jpg", (300, 200)), ("sub/c.jpg", (64, 64))]:
+        Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(folder / name, quality=90)
+    Image.fromarray(rng.integers(0, 256, (20, 50, 4), dtype=np.uint8)).save(folder / "alpha.png")
+    Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8)).save(folder / "grey.webp")
+    (folder / "broken.jpg").write_bytes((folder / "a.jpg").read_bytes()[:200])
+    rows = [("a.jpg", "a small picture, with a comma"), ("big.jpg", "café ☕ 日本語 \"quoted\""),
+            ("missing.jpg", "no such file"), ("sub/c.jpg", "in a sub-folder"), ("alpha.png", "a png with alpha"),
+            ("broken.jpg", "cut in half"), ("grey.webp", "grey webp"), ("a.jpg", "   ")]
+    return folder, rows
+
+
+def test_make_shards_reads_back_byte_exact(tmp_path, image_folder, capsys):
+    folder, rows = image_folder
+    with open(tmp_path / "captions.csv", "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows([("path", "caption"), *rows])
+    args = ["make-shards", "--images", str(folder), "--captions", str(tmp_path / "captions.csv"), "--out",
+            str(tmp_path / "out"), "--samples-per-shard", "2", "--max-side", "128", "--workers", "2", "--no-progress"]
+    assert main(args) == 0
+    summary = capsys.readouterr().out
+    assert "wrote 5 samples in 3 shard(s)" in summary
+    assert "missing_file 1, corrupt_image 1, empty_caption 1" in summary
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.tar")) == ["00000.tar", "00001.tar", "00002.tar"]
+
+    samples = read_back(tmp_path / "out")
+    usable = [0, 1, 3, 4, 6]
+    assert [s["__key__"] for s in samples] == ["000000", "000001", "000010", "000011", "000020"]
+    assert [s["txt"] for s in samples] == [rows[i][1].encode() for i in usable]
+    sizes = [Image.open(io.BytesIO(s["jpg"])).size for s in samples]
+    assert sizes == [(40, 30), (128, 85), (64, 64), (50, 20), (16, 16)]
+    assert all(Image.open(io.BytesIO(s["jpg"])).format == "JPEG" for s in samples)
+    assert samples[0]["jpg"] == (folder / "a.jpg").read_bytes()  # a JPEG needing no resize is kept as is
+    meta = [json.loads(s["json"]) for s in samples]
+    assert [m["source"] for m in meta] == [rows[i][0] for i in usable]
+    assert meta[1] == {"key": "000001", "caption": rows[1][1], "source": "big.jpg", "width": 128, "height": 85,
+                       "original_width": 300, "original_height": 200, "status": "success"}
+
+    # The same input in another format gives the same bytes.
+    with open(tmp_path / "captions.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps({"image": p, "text": c}) + "\n" for p, c in rows)
+    args[4], args[6] = str(tmp_path / "captions.jsonl"), str(tmp_path / "again")
+    assert main(args + ["--workers", "1"]) == 0
+    digest = [hashlib.md5(p.read_bytes()).hexdigest() for p in sorted((tmp_path / "out").glob("*.tar"))]
+    assert digest == [hashlib.md5(p.read_bytes()).hexdigest() for p in sorted((tmp_path / "again").glob("*.tar"))]
+
+
+def test_make_shards_from_parquet(tmp_path, image_folder):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    folder, rows = image_folder
+    pq.write_table(pa.table({"file": [r[0] for r in rows[:2]], "caption": [r[1] for r in rows[:2]]}),
+                   tmp_path / "c.parquet")
+    assert main(["make-shards", "--images", str(folder), "--captions", str(tmp_path / "c.parquet"), "--out",
+                 str(tmp_path / "out"), "--no-progress", "--workers", "1"]) == 0
+    assert [s["txt"].decode() for s in read_back(tmp_path / "out")] == [rows[0][1], rows[1][1]]
+
+
+def test_make_shards_from_class_folders(tmp_path):
+    rng = np.random.default_rng(1)
+    for cls in ("golden_retriever", "tabby_cat"):
+        (tmp_path / "tree" / cls).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "tree" / cls / f"{i}.png")
+    (tmp_path / "t.txt").write_text("a photo of a {}.\na drawing of a {}.\n")
+    assert main(["make-shards", "--class-folders", str(tmp_path / "tree"), "--templates", str(tmp_path / "t.txt"),
+                 "--out", str(tmp_path / "out"), "--no-progress", "--workers", "1"]) == 0
+    samples = read_back(tmp_path / "out")
+    captions = [s["txt"].decode() for s in samples]
+    assert len(captions) == 6 and all(c.endswith(("golden retriever.", "tabby cat.")) for c in captions)
+    assert {c.split(" of a ")[0] for c in captions} == {"a photo", "a drawing"}
+    sources = [json.loads(s["json"])["source"] for s in samples]
+    assert sources[:2] == ["golden_retriever/0.png", "golden_retriever/1.png"]
+
+
+def test_make_shards_refuses_bad_input(tmp_path, capsys):
+    (tmp_path / "c.csv").write_text("filename,label\nx.jpg,y\n")
+    assert main(["make-shards", "--captions", str(tmp_path / "c.csv"), "--out", str(tmp_path / "o")]) == 2
+    assert "needs a path column" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="no column 'url'"):
+        read_captions(str(tmp_path / "c.csv"), ".", path_column="url")
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "00000.tar").write_bytes(b"")
+    with pytest.raises(ConfigError, match="already holds shards"):
+        write_shards([], str(tmp_path / "o"))
+
+
+def test_train_tokenizer_from_shards_and_text(demo_shards, tmp_path, capsys):
+    assert main(["train-tokenizer", "--shards", demo_shards.train, "--out", str(tmp_path / "tok"),
+                 "--vocab-size", "200"]) == 0
+    assert "from 512 captions; skipped: nothing" in capsys.readouterr().out
+    tok = Tokenizer(str(tmp_path / "tok.model"), context_length=12)
+    assert 50 < tok.vocab_size <= 200
+    ids = tok("a small red circle on the left")
+    assert ids[0] == 2 and 3 in ids and 1 not in ids  # BOS, EOS, no unknown pieces
+    (tmp_path / "captions.txt").write_text("a cat\na dog on a mat\n" * 50)
+    assert main(["train-tokenizer", "--captions", str(tmp_path / "captions.txt"), "--out", str(tmp_path / "t2"),
+                 "--vocab-size", "20"]) == 0
+    assert Tokenizer(str(tmp_path / "t2.model"), 8).vocab_size <= 20
+
+
+def test_demo_data_layout_is_complete_and_holds_out_pairs(demo_shards):
+    root = Path(demo_shards.root)
+    classes = sorted(p.name for p in Path(demo_shards.zero_shot).iterdir())
+    assert len(classes) == 16 and all(len(list((Path(demo_shards.zero_shot) / c).glob("*.jpg"))) == 4
+                                      for c in classes)
+    names = Path(demo_shards.classnames).read_text().splitlines()
+    assert names == [c.replace("_", " ") for c in classes]
+    assert all(t.count("{}") == 1 for t in Path(demo_shards.templates).read_text().splitlines())
+    records = [json.loads(line) for line in Path(demo_shards.retrieval).read_text().splitlines()]
+    assert len(records) == 16 and all(len(r["captions"]) == 3 and (root / "eval" / r["image"]).is_file()
+                                      for r in records)
+    samples = read_back(root / "train")
+    pairs = {(json.loads(s["json"])["colour"], json.loads(s["json"])["shape"]) for s in samples}
+    assert not pairs & set(HELD_OUT) and len(pairs) == 26
+    assert all(Image.open(io.BytesIO(s["jpg"])).size == (64, 64) for s in samples[:5])
+
+
+def test_demo_data_is_deterministic_and_idempotent(tmp_path, capsys):
+    small = dict(train_samples=24, samples_per_shard=10, eval_per_class=1, retrieval_images=2, image_size=32,
+                 vocab_size=60)
+    a = make_demo_dataset(str(tmp_path / "a"), **small)
+    assert main(["demo-data", "--out", str(tmp_path / "b"), "--train-samples", "24", "--samples-per-shard", "10",
+                 "--eval-per-class", "1", "--retrieval-images", "2", "--image-size", "32", "--vocab-size", "60"]) == 0
+    assert "{00000..00002}.tar (24 samples)" in capsys.readouterr().out
+    for name in ("train/00000.tar", "train/00002.tar", "eval/zero_shot/red_star/00000.jpg", "eval/retrieval.jsonl"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    stamp = (tmp_path / "a" / "train" / "00000.tar").stat().st_mtime_ns
+    assert make_demo_dataset(str(tmp_path / "a"), **small) == a
+    assert (tmp_path / "a" / "train" / "00000.tar").stat().st_mtime_ns == stamp  # complete: left as it is
+    with pytest.raises(ConfigError, match="other parameters"):
+        make_demo_dataset(str(tmp_path / "a"), **{**small, "seed": 1})
+
+
+def test_bench_data_reports_rates(demo_shards, capsys):
+    assert main(["bench-data", "--shards", demo_shards.train, "--tokenizer", demo_shards.tokenizer, "--workers", "2",
+                 "--batch-size", "16", "--seconds", "1", "--image-size", "32", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["samples"] > 0 and report["samples_per_s"] > 0 and report["single_worker_samples_per_s"] > 0
+    assert set(report["per_worker_samples_per_s"]) == {"0", "1"} and report["skipped"] == {}
