@@ -12,10 +12,18 @@ from flip_ds.config_loader import check
 class EvalSet:
     name: str
     kind: Literal["zero_shot", "retrieval"]
-    path: str  # zero_shot: an ImageNet-style folder; retrieval: shards or a CSV/JSONL captions file
-    classnames: str = ""  # zero_shot: a text file, one class name per line ("" = the folder names)
+    path: str  # zero_shot: an ImageNet-style folder; retrieval: shards or a CSV/JSON/JSONL captions file
+    classnames: str = ""  # zero_shot: 'imagenet1k', a text file of one class name per line, or "" (folder names)
     templates: str = "clip_short"  # zero_shot: 'clip80', 'clip_short' or a text file of templates with {}
+    image_root: str = ""  # retrieval files: where relative image paths start ("" = the file's folder)
     batch_size: int = 256
+    workers: int = 2  # image-decoding processes per rank
+
+    def validate(self, prefix: str = "eval_set") -> None:
+        check(self.name.strip() != "", f"{prefix}.name: must not be empty")
+        check(self.path.strip() != "", f"{prefix}.path: must not be empty")
+        check(self.batch_size > 0, f"{prefix}.batch_size: {self.batch_size} must be > 0")
+        check(self.workers >= 0, f"{prefix}.workers: {self.workers} must be >= 0")
 
 
 @dataclass
