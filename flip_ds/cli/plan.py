@@ -1,0 +1,44 @@
+"""`flip-ds plan`: per-GPU memory, fit, micro batch, FLOPs and wall-clock of a recipe on N GPUs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from flip_ds.plan import H100_BF16_TFLOPS
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "plan", help="memory, fit and cost of a recipe on N GPUs, before allocating any",
+        description="Estimate per-GPU memory (model states under the recipe's ZeRO stage and offload, activations "
+                    "with and without checkpointing at the recipe's micro batch and masked token count, contrastive "
+                    "logits), whether it fits, the largest micro batch that does, the accumulation for the global "
+                    "batch, FLOPs per sample, and wall-clock and GPU-hours at a stated MFU. See docs/planner.md.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("recipe", help="YAML recipe (see configs/)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides KEY=VALUE, e.g. train.micro_batch=64")
+    p.add_argument("--gpus", type=int, required=True, help="number of GPUs (ranks)")
+    p.add_argument("--gpu-mem", type=float, required=True, help="memory per GPU in GiB, e.g. 80")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (host memory of offloaded states)")
+    p.add_argument("--tflops", type=float, default=H100_BF16_TFLOPS,
+                   help="peak dense bf16 TFLOP/s per GPU (H100 / H200 SXM: 989, A100: 312)")
+    p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation to assume")
+    p.add_argument("--reserve", type=float, default=4.0,
+                   help="GiB per GPU held back for the CUDA context, NCCL buffers and fragmentation")
+    p.add_argument("--vocab-size", type=int, default=32000,
+                   help="text vocabulary, used when the recipe's tokenizer file is not on this machine")
+    p.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from flip_ds.config import load_recipe
+    from flip_ds.plan import Cluster, format_plan, plan, vocab_size_of
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    cluster = Cluster(gpus=args.gpus, gpu_mem_gib=args.gpu_mem, gpus_per_node=args.gpus_per_node,
+                      peak_tflops=args.tflops, mfu=args.mfu, reserve_gib=args.reserve)
+    result = plan(recipe, cluster, vocab_size_of(recipe, args.vocab_size), recipe_name=args.recipe)
+    print(json.dumps(result.to_dict(), indent=2) if args.json else format_plan(result))
+    return 0

@@ -1,0 +1,110 @@
+"""`flip-ds slurm`: submit a recipe with slurm/train.sbatch, validated first, optionally as a chain of jobs."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+from flip_ds.config_loader import ConfigError
+
+TEMPLATE = Path(__file__).resolve().parents[2] / "slurm" / "train.sbatch"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "slurm", help="submit a training run to Slurm (validated, requeued on preemption, optionally chained)",
+        description="Validate the recipe for nodes x tasks ranks (as `flip-ds train --dry-run` does), then sbatch "
+                    "slurm/train.sbatch with one task per GPU. The job saves a checkpoint and requeues itself on "
+                    "the --signal before its time limit; --chain K also queues K-1 follow-up jobs "
+                    "(--dependency=afterany) for clusters that refuse requeues. Logs go to OUTPUT_DIR/slurm/. "
+                    "See docs/slurm.md.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", required=True, help="YAML recipe (see configs/)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides KEY=VALUE, passed to every job")
+    p.add_argument("--nodes", type=int, default=1, help="nodes")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node, one task each; 0 for CPU nodes")
+    p.add_argument("--tasks-per-node", type=int, default=None,
+                   help="training processes per node (default: --gpus-per-node, or 1 without GPUs)")
+    p.add_argument("--cpus-per-task", type=int, default=None, help="CPUs per task (data loader workers + 1)")
+    p.add_argument("--time", default=None, help="time limit per job, e.g. 24:00:00 (default: the partition's)")
+    p.add_argument("--partition", default=None, help="partition")
+    p.add_argument("--account", default=None, help="account to charge")
+    p.add_argument("--qos", default=None, help="quality of service")
+    p.add_argument("--job-name", default=None, help="job name (default: the recipe's file name)")
+    p.add_argument("--signal-seconds", type=int, default=300,
+                   help="seconds before the time limit at which the run checkpoints and requeues")
+    p.add_argument("--chain", type=int, default=1, help="jobs to queue one after another (afterany)")
+    p.add_argument("--max-restarts", type=int, default=100, help="requeues allowed per job (FLIP_MAX_RESTARTS)")
+    p.add_argument("--sbatch-arg", action="append", default=[], metavar="ARG",
+                   help="extra sbatch option, repeatable, e.g. --sbatch-arg=--exclusive --sbatch-arg=--mem=0")
+    p.add_argument("--template", default=str(TEMPLATE), help="the sbatch script")
+    p.add_argument("--dry-run", action="store_true", help="validate and print the sbatch command(s); submit nothing")
+    p.set_defaults(func=run)
+
+
+def validate(config: str, overrides: list[str], world: int) -> str:
+    """Run `flip-ds train --dry-run` for `world` ranks in-process; returns its summary line.
+    A recipe that cannot run raises its ConfigError here, before anything is queued."""
+    from flip_ds.cli import build_parser
+
+    args = build_parser().parse_args(["train", "--config", config, "--dry-run", "--world-size", str(world),
+                                      *overrides])
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        args.func(args)
+    return out.getvalue().rstrip().splitlines()[-1].lstrip("# ")
+
+
+def sbatch_command(args: argparse.Namespace, output_dir: Path, dependency: str | None) -> list[str]:
+    tasks = args.tasks_per_node or args.gpus_per_node or 1
+    name = args.job_name or Path(args.config).stem
+    cmd = ["sbatch", "--parsable", f"--job-name={name}", f"--nodes={args.nodes}", f"--ntasks-per-node={tasks}",
+           f"--signal=B:USR1@{args.signal_seconds}", f"--output={output_dir.absolute() / 'slurm' / '%x-%j.out'}",
+           f"--chdir={os.getcwd()}",
+           # the job runs the Python (and so the flip-ds) that submitted it
+           f"--export=ALL,FLIP_PYTHON={sys.executable},FLIP_MAX_RESTARTS={args.max_restarts}"]
+    for flag, value in (("gpus-per-node", args.gpus_per_node or None), ("cpus-per-task", args.cpus_per_task),
+                        ("time", args.time), ("partition", args.partition), ("account", args.account),
+                        ("qos", args.qos), ("dependency", dependency)):
+        if value is not None:
+            cmd.append(f"--{flag}={value}")
+    return [*cmd, *args.sbatch_arg, args.template, args.config, *args.overrides]
+
+
+def run(args: argparse.Namespace) -> int:
+    from flip_ds.config import load_recipe
+
+    if args.nodes < 1 or args.gpus_per_node < 0 or (args.tasks_per_node is not None and args.tasks_per_node < 1):
+        raise ConfigError("--nodes and --tasks-per-node must be >= 1, --gpus-per-node >= 0")
+    if args.chain < 1 or args.max_restarts < 0 or args.signal_seconds < 1:
+        raise ConfigError("--chain and --signal-seconds must be >= 1, --max-restarts >= 0")
+    if not Path(args.template).is_file():
+        raise ConfigError(f"--template: '{args.template}' does not exist (run from a flip-ds checkout or pass it)")
+    world = args.nodes * (args.tasks_per_node or args.gpus_per_node or 1)
+    summary = validate(args.config, args.overrides, world)
+    output_dir = Path(load_recipe(args.config, args.overrides).output_dir)
+    print(f"recipe ok: {summary}")
+    if args.dry_run:
+        for k in range(args.chain):
+            print(shlex.join(sbatch_command(args, output_dir, "afterany:$PREVIOUS_JOB" if k else None)))
+        return 0
+    (output_dir / "slurm").mkdir(parents=True, exist_ok=True)
+    jobs: list[str] = []
+    for _ in range(args.chain):
+        cmd = sbatch_command(args, output_dir, f"afterany:{jobs[-1]}" if jobs else None)
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode != 0:
+            print(f"flip-ds: error: sbatch refused the job: {result.stderr.strip()}", file=sys.stderr)
+            if jobs:
+                print(f"flip-ds: jobs already queued: {' '.join(jobs)} (scancel them if unwanted)", file=sys.stderr)
+            return 1
+        jobs.append(result.stdout.strip().split(";")[0])
+    print(f"submitted job(s) {' '.join(jobs)}; logs in {output_dir / 'slurm'}, TensorBoard in "
+          f"{output_dir / 'tensorboard'}")
+    return 0

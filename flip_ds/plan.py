@@ -1,0 +1,429 @@
+"""The planner: what a recipe costs on N GPUs before a single one is allocated.
+
+Per-GPU memory is model states + activations + contrastive logits + ZeRO's communication
+buckets + a fixed reserve:
+
+- Model states follow DeepSpeed's ZeRO accounting (bf16 mixed precision: 2-byte params and
+  grads, fp32 master weights, fp32 grads and two fp32 Adam moments), the same bytes as
+  DeepSpeed's `estimate_zero2/3_model_states_mem_needs` (tests/test_plan.py checks it), split
+  into parameters, gradients and optimizer states.
+- Activations are what autograd keeps for the backward pass, counted tensor by tensor for timm's
+  pre-norm ViT block with fused (flash) attention; `flip_ds.memory.saved_activation_bytes` measures
+  the same quantity on a real forward pass, and the two agree within a few percent.
+- The contrastive loss scores this rank's global/world rows against all global columns in fp32,
+  whatever the micro batch (feature-cache accumulation keeps every negative).
+
+Time is model FLOPs (flip_ds.models.flops, 3x the forward: activation recomputation and the
+feature cache's extra forward are not model FLOPs) over peak x MFU.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from flip_ds.config import Recipe
+from flip_ds.config_loader import check
+from flip_ds.engine_config import load_engine_json
+from flip_ds.models.config import ModelConfig
+from flip_ds.models.flops import flops_per_sample
+from flip_ds.schedule import PhasePlan
+
+GIB = 2**30
+H100_BF16_TFLOPS = 989.0  # dense bf16 peak of an H100 SXM (the H200's matmul units are the same)
+
+
+@dataclass(frozen=True)
+class Cluster:
+    gpus: int
+    gpu_mem_gib: float
+    gpus_per_node: int = 8
+    peak_tflops: float = H100_BF16_TFLOPS
+    mfu: float = 0.4
+    reserve_gib: float = 4.0  # CUDA context, NCCL buffers, allocator fragmentation
+
+    def validate(self) -> None:
+        check(self.gpus >= 1, f"--gpus: {self.gpus} must be >= 1")
+        check(self.gpus_per_node >= 1, f"--gpus-per-node: {self.gpus_per_node} must be >= 1")
+        check(self.gpu_mem_gib > 0, f"--gpu-mem: {self.gpu_mem_gib} must be > 0")
+        check(self.peak_tflops > 0, f"--tflops: {self.peak_tflops} must be > 0")
+        check(0 < self.mfu <= 1, f"--mfu: {self.mfu} must be in (0, 1]")
+        check(self.reserve_gib >= 0, f"--reserve: {self.reserve_gib} must be >= 0")
+
+    @property
+    def nodes(self) -> int:
+        return math.ceil(self.gpus / self.gpus_per_node)
+
+
+# DeepSpeed's defaults (deepspeed/runtime/zero/config.py) for the bucket sizes a JSON may leave out
+DEFAULT_BUCKETS = {"reduce_bucket_size": 5e8, "allgather_bucket_size": 5e8, "stage3_prefetch_bucket_size": 5e7}
+
+
+@dataclass(frozen=True)
+class ZeroSetup:
+    stage: int
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    bucket_elements: int = 0  # communication buckets ZeRO allocates on the GPU, in elements
+
+    @classmethod
+    def from_engine_json(cls, config: dict) -> ZeroSetup:
+        zero = config.get("zero_optimization", {})
+
+        def offloaded(key: str) -> bool:
+            return zero.get(key, {}).get("device", "none") in ("cpu", "nvme")
+
+        def size(key: str) -> int:
+            return int(float(zero.get(key, DEFAULT_BUCKETS[key])))
+
+        stage = int(zero.get("stage", 0))
+        if stage == 0:
+            buckets = 0
+        elif stage == 3:
+            buckets = size("reduce_bucket_size") + size("stage3_prefetch_bucket_size")
+        else:
+            buckets = size("reduce_bucket_size") + size("allgather_bucket_size")
+        return cls(stage, offloaded("offload_optimizer"), offloaded("offload_param"), buckets)
+
+    def bucket_bytes(self, precision: str) -> int:
+        return self.bucket_elements * (2 if precision == "bf16" else 4)
+
+    def describe(self) -> str:
+        where = [name for name, on in (("optimizer", self.offload_optimizer), ("params", self.offload_params)) if on]
+        return f"ZeRO-{self.stage}" + (f", {' + '.join(where)} offloaded to CPU" if where else "")
+
+
+@dataclass(frozen=True)
+class ModelStates:
+    """Bytes per GPU, and the optimizer bytes each node's host memory holds when offloaded."""
+
+    params: int
+    grads: int
+    optimizer: int
+    cpu_per_node: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.params + self.grads + self.optimizer
+
+
+def model_states(total_params: int, largest_layer_params: int, zero: ZeroSetup, precision: str, world: int,
+                 gpus_per_node: int) -> ModelStates:
+    """Model-state bytes per GPU under ZeRO `zero.stage` for AdamW.
+
+    bf16 (mixed precision) keeps per parameter: 2 bytes of bf16 weights, 2 of bf16 grads, and for
+    the optimizer 4 of fp32 grads, 4 of fp32 master weights and 8 of Adam moments. Stage 1
+    partitions the fp32 part, stage 2 also the grads, stage 3 also the weights (plus the largest
+    layer gathered with its grad during its forward/backward). fp32 training has no master copy.
+    Offloading moves the partitioned optimizer part (and with stage 3 params, the weights) to CPU.
+    """
+    p, n, layer = total_params, world, largest_layer_params
+    half = 2 if precision == "bf16" else 4  # weight / grad bytes as the model computes with them
+    fp32_grad = 4 if precision == "bf16" else 0  # bf16: an fp32 copy of the grad partition feeds Adam
+    master = 4 if precision == "bf16" else 0
+    optim = master + 8  # fp32 master weights (bf16 only) + Adam's two moments
+    stage, offload = zero.stage, zero.offload_optimizer
+    if stage == 0:
+        return ModelStates(half * p, (half + fp32_grad) * p, optim * p)
+    if stage in (1, 2):
+        grads = half * p if stage == 1 else (0 if offload else half * p // n)
+        if offload:
+            return ModelStates(half * p, grads, 0, (fp32_grad + optim) * p // n * gpus_per_node)
+        return ModelStates(half * p, grads + fp32_grad * p // n, optim * p // n)
+    # stage 3: the largest layer is gathered (weights) and its grads materialised in full, transiently
+    live = half * layer
+    if zero.offload_params:
+        return ModelStates(live, live, 0, (half + fp32_grad + optim) * p // n * gpus_per_node)
+    if offload:
+        return ModelStates(half * p // n + live, live, 0, (fp32_grad + optim) * p // n * gpus_per_node)
+    return ModelStates(half * p // n + live, fp32_grad * p // n + live, optim * p // n)
+
+
+def parameter_counts(cfg: ModelConfig, vocab_size: int) -> tuple[int, int]:
+    """(total parameters, parameters of the largest single module) of the FLIP model, built on the
+    meta device (no memory). The largest module is what ZeRO-3 gathers at once, as DeepSpeed's
+    own estimator counts it."""
+    import torch
+
+    from flip_ds.models.flip import FLIP
+
+    with torch.device("meta"):
+        model = FLIP(cfg, vocab_size)
+    total = sum(p.numel() for p in model.parameters())
+    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+    return total, largest
+
+
+@dataclass(frozen=True)
+class TowerShape:
+    tokens: int
+    width: int
+    depth: int
+    heads: int
+    mlp_ratio: float
+
+
+def block_activation_bytes(batch: int, t: TowerShape, act: int) -> float:
+    """What one timm pre-norm ViT block saves for backward, with fused (flash) attention.
+
+    Per token, in units of the width: LN1 input 1, LN1 output (qkv input) 1, q/k/v 3 (views of one
+    tensor), attention output (also the proj input, a view) 1, LN2 input 1, LN2 output (fc1 input)
+    1, fc1 output (GELU input) r, GELU output (fc2 input) r; plus the two LayerNorms' mean and rstd
+    and the attention's fp32 log-sum-exp per head. No attention matrix: fused kernels recompute it.
+    """
+    per_token = (8 + 2 * t.mlp_ratio) * t.width * act + 4 * act + 4 * t.heads
+    return batch * t.tokens * per_token
+
+
+@dataclass(frozen=True)
+class Activations:
+    """Activation bytes of one micro batch on one GPU.
+
+    `image`, `text` and `logits_saved` are what autograd saves for backward (the quantity
+    `saved_activation_bytes` measures); `backward` is the transient peak of backward through one
+    block (its gradients, and with checkpointing its recomputed activations), `logits_transient`
+    the logits and their gradient while the loss runs.
+    """
+
+    image: float
+    text: float
+    backward: float
+    logits_saved: float
+    logits_transient: float
+
+    @property
+    def saved(self) -> float:
+        return self.image + self.text + self.logits_saved
+
+    @property
+    def towers(self) -> float:
+        return self.image + self.text + self.backward
+
+    @property
+    def logits(self) -> float:
+        return self.logits_saved + self.logits_transient
+
+    @property
+    def peak(self) -> float:
+        return self.towers + self.logits
+
+
+def tower_shapes(cfg: ModelConfig, mask_ratio: float) -> tuple[TowerShape, TowerShape]:
+    s = cfg.sizes
+    kept = int(cfg.num_patches * (1.0 - mask_ratio))
+    image = TowerShape(kept + 1, s.vision_width, s.vision_depth, s.vision_heads, s.mlp_ratio)  # + CLS
+    text = TowerShape(cfg.context_length, s.text_width, s.text_depth, s.text_heads, s.mlp_ratio)
+    return image, text
+
+
+def activations(cfg: ModelConfig, micro: int, mask_ratio: float, precision: str, rows: int, columns: int,
+                checkpointing: bool) -> Activations:
+    """Activation bytes of one micro batch of `micro` samples.
+
+    With checkpointing only each block's input is kept and one block at a time is recomputed in
+    backward. `rows` x `columns` is this rank's logits matrix: its global/world samples against
+    the global batch.
+    """
+    act = 2 if precision == "bf16" else 4
+    image, text = tower_shapes(cfg, mask_ratio)
+    towers = {}
+    backward = 0.0
+    for name, t in (("image", image), ("text", text)):
+        block = block_activation_bytes(micro, t, act)
+        block_input = micro * t.tokens * t.width * act
+        towers[name] = t.depth * (block_input if checkpointing else block) + block_input  # + the final norm's input
+        # backward through a block holds gradients about the size of its activations; with
+        # checkpointing the block's activations are first recomputed as well
+        backward = max(backward, block * (2 if checkpointing else 1))
+    side = cfg.resolved_image_size
+    towers["image"] += micro * 3 * side * side * act  # the images, saved by the patch embedding
+    if mask_ratio > 0:  # the gather that drops patches keeps its full-length input and its index
+        towers["image"] += micro * cfg.num_patches * cfg.sizes.vision_width * act + micro * (image.tokens - 1) * 8
+    embed = cfg.sizes.embed_dim
+    # per direction: the log-softmax output (rows x columns) and fp32 copies of the gathered columns
+    # and of the scaled local rows; the logits and their gradient exist only while the loss runs
+    saved = 2 * (rows * columns * 4 + columns * embed * 4 + 2 * rows * embed * 4)
+    return Activations(towers["image"], towers["text"], backward, float(saved), float(2 * rows * columns * 4))
+
+
+@dataclass(frozen=True)
+class PhaseCost:
+    name: str
+    mask_ratio: float
+    samples: int
+    train_gflops_per_sample: float
+    activations_checkpointing: Activations
+    activations_no_checkpointing: Activations
+    hours: float
+
+
+@dataclass(frozen=True)
+class Plan:
+    recipe: str
+    model: str
+    params: int
+    largest_layer_params: int
+    vocab_size: int
+    zero: ZeroSetup
+    precision: str
+    cluster: Cluster
+    global_batch: int
+    micro_batch: int
+    accum_steps: int | None  # None: the recipe's micro batch does not divide its share of the batch
+    checkpointing: bool
+    states: ModelStates
+    phases: list[PhaseCost]
+    max_micro_batch: int  # 0: not even one sample fits
+    max_micro_accum: int | None
+
+    @property
+    def rows(self) -> int:
+        return self.global_batch // self.cluster.gpus
+
+    def activations_of(self, phase: PhaseCost) -> Activations:
+        return phase.activations_checkpointing if self.checkpointing else phase.activations_no_checkpointing
+
+    @property
+    def fixed_bytes(self) -> float:
+        """Per-GPU bytes that do not depend on the micro batch: model states, ZeRO's buckets, the reserve."""
+        return self.states.total + self.zero.bucket_bytes(self.precision) + self.cluster.reserve_gib * GIB
+
+    @property
+    def peak_bytes(self) -> float:
+        """The worst phase's per-GPU peak at the recipe's micro batch and checkpointing."""
+        return self.fixed_bytes + max(self.activations_of(p).peak for p in self.phases)
+
+    @property
+    def fits(self) -> bool:
+        return self.accum_steps is not None and self.peak_bytes <= self.cluster.gpu_mem_gib * GIB
+
+    @property
+    def hours(self) -> float:
+        return sum(p.hours for p in self.phases)
+
+    @property
+    def gpu_hours(self) -> float:
+        return self.hours * self.cluster.gpus
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data.update(rows_per_gpu=self.rows, peak_gib=self.peak_bytes / GIB, fits=self.fits, hours=self.hours,
+                    days=self.hours / 24, gpu_hours=self.gpu_hours,
+                    model_states_gib={"params": self.states.params / GIB, "grads": self.states.grads / GIB,
+                                      "optimizer": self.states.optimizer / GIB,
+                                      "cpu_per_node": self.states.cpu_per_node / GIB})
+        return data
+
+
+def _divisors_descending(n: int) -> list[int]:
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return sorted(set(small + [n // d for d in small]), reverse=True)
+
+
+def vocab_size_of(recipe: Recipe, default: int) -> int:
+    """The recipe's tokenizer's vocabulary when the file is here, else `default`."""
+    if recipe.data.tokenizer and Path(recipe.data.tokenizer).is_file():
+        from flip_ds.data.tokenizer import Tokenizer
+
+        return Tokenizer(recipe.data.tokenizer, recipe.model.context_length).vocab_size
+    return default
+
+
+def plan(recipe: Recipe, cluster: Cluster, vocab_size: int, recipe_name: str = "") -> Plan:
+    cluster.validate()
+    g, world = recipe.train.global_batch, cluster.gpus
+    check(g % world == 0, f"train.global_batch: {g} does not split over {world} GPUs; choose a multiple of {world}")
+    rows = g // world
+    zero = ZeroSetup.from_engine_json(load_engine_json(recipe.train.deepspeed))
+    precision = recipe.train.precision
+    total, largest = parameter_counts(recipe.model, vocab_size)
+    states = model_states(total, largest, zero, precision, world, cluster.gpus_per_node)
+    spans = PhasePlan(recipe.phases, recipe.optim, g).spans
+    per_second = cluster.gpus * cluster.peak_tflops * 1e12 * cluster.mfu
+    micro = recipe.train.micro_batch
+    ckpt = recipe.model.activation_checkpointing
+
+    phases = []
+    for span in spans:
+        ph = span.phase
+        samples = span.steps * g
+        train_flops = flops_per_sample(recipe.model, ph.mask_ratio).train
+        phases.append(PhaseCost(
+            ph.name, ph.mask_ratio, samples, train_flops / 1e9,
+            activations(recipe.model, micro, ph.mask_ratio, precision, rows, g, True),
+            activations(recipe.model, micro, ph.mask_ratio, precision, rows, g, False),
+            samples * train_flops / per_second / 3600))
+
+    budget = cluster.gpu_mem_gib * GIB - states.total - zero.bucket_bytes(precision) - cluster.reserve_gib * GIB
+    worst_mask = min(p.mask_ratio for p in phases)  # fewest patches dropped: the most tokens
+    max_micro = next((m for m in _divisors_descending(rows)
+                      if activations(recipe.model, m, worst_mask, precision, rows, g, ckpt).peak <= budget), 0)
+    return Plan(recipe=recipe_name, model=recipe.model.name, params=total, largest_layer_params=largest,
+                vocab_size=vocab_size, zero=zero, precision=precision, cluster=cluster, global_batch=g,
+                micro_batch=micro, accum_steps=rows // micro if rows % micro == 0 else None, checkpointing=ckpt,
+                states=states, phases=phases, max_micro_batch=max_micro,
+                max_micro_accum=rows // max_micro if max_micro else None)
+
+
+def _gib(x: float) -> str:
+    return f"{x / GIB:.2f}"
+
+
+def _count(n: float) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.4g}{unit}"
+    return f"{n:g}"
+
+
+def format_plan(p: Plan) -> str:
+    """The plan as a readable table: rows are quantities, columns the recipe's phases."""
+    c = p.cluster
+    head = [f"plan for {p.recipe or p.model}: {c.gpus} GPUs x {c.gpu_mem_gib:g} GiB ({c.nodes} node(s) of "
+            f"{c.gpus_per_node}), {p.zero.describe()}, {p.precision}",
+            f"model {p.model}: {p.params / 1e6:.1f} M parameters (largest layer {p.largest_layer_params / 1e6:.1f} M, "
+            f"vocab {p.vocab_size})",
+            f"global batch {p.global_batch} = micro {p.micro_batch} x accum "
+            f"{p.accum_steps if p.accum_steps else '?'} x {c.gpus} GPUs"
+            + ("" if p.accum_steps else f"  (micro batch does not divide {p.rows} per GPU)"),
+            ""]
+    label_width = 40
+    names = [f"{ph.name} (mask {ph.mask_ratio:g})" for ph in p.phases]
+    col = max(14, *(len(n) + 3 for n in names))
+    lines = [f"{'per GPU, GiB':<{label_width}}" + "".join(f"{n:>{col}}" for n in names)]
+
+    def row(label: str, values: list[str]) -> None:
+        lines.append(f"{label:<{label_width}}" + "".join(f"{v:>{col}}" for v in values))
+
+    same = len(p.phases)
+    row("parameters", [_gib(p.states.params)] * same)
+    row("gradients", [_gib(p.states.grads)] * same)
+    row("optimizer states", [_gib(p.states.optimizer)] * same)
+    mark_on, mark_off = (" *", "") if p.checkpointing else ("", " *")
+    row("activations, checkpointing on" + mark_on, [_gib(ph.activations_checkpointing.towers) for ph in p.phases])
+    row("activations, checkpointing off" + mark_off,
+        [_gib(ph.activations_no_checkpointing.towers) for ph in p.phases])
+    row(f"contrastive logits ({p.rows} x {p.global_batch} fp32)", [_gib(p.activations_of(ph).logits)
+                                                                    for ph in p.phases])
+    row("ZeRO communication buckets", [_gib(p.zero.bucket_bytes(p.precision))] * same)
+    row("reserve (CUDA, NCCL, fragmentation)", [f"{c.reserve_gib:.2f}"] * same)
+    row("total (* = the recipe's setting)", [_gib(p.fixed_bytes + p.activations_of(ph).peak) for ph in p.phases])
+    lines.append("")
+    row("train GFLOPs per sample", [f"{ph.train_gflops_per_sample:.1f}" for ph in p.phases])
+    row("samples", [_count(ph.samples) for ph in p.phases])
+    row(f"hours at {c.mfu:.0%} MFU of {c.peak_tflops:g} TFLOP/s", [f"{ph.hours:,.1f}" for ph in p.phases])
+    per_gpu = [ph.samples / (ph.hours * 3600) / c.gpus for ph in p.phases]
+    row("samples/s per GPU", [f"{v:,.0f}" for v in per_gpu])
+    if p.states.cpu_per_node:
+        lines.append(f"offloaded optimizer per node (host memory): {_gib(p.states.cpu_per_node)} GiB")
+    fit = "yes" if p.fits else "NO"
+    lines += ["",
+              f"fits in {c.gpu_mem_gib:g} GiB: {fit} (peak {_gib(p.peak_bytes)} GiB at micro batch {p.micro_batch}, "
+              f"checkpointing {'on' if p.checkpointing else 'off'})",
+              "largest micro batch that fits: " + (f"{p.max_micro_batch} (accum {p.max_micro_accum})"
+                                                  if p.max_micro_batch else "none: not even 1 sample per GPU"),
+              f"wall-clock: {p.hours / 24:,.1f} days ({p.hours:,.0f} h), {p.gpu_hours:,.0f} GPU-hours "
+              f"at {c.mfu:.0%} MFU (model FLOPs; recomputation and the feature cache's extra forward lower "
+              f"the MFU you will see)"]
+    return "\n".join(head + lines)
