@@ -10,6 +10,7 @@ import torch.distributed as dist
 
 from flip_ds.loss import contrastive_loss
 from flip_ds.metrics import Stopwatch
+from flip_ds.models.attention import training_attention
 
 
 @dataclass
@@ -47,7 +48,17 @@ def contrastive_step(engine, micro_batches: list[tuple[torch.Tensor, torch.Tenso
     full-batch loss and its gradient is the full gradient's share through that micro batch; the
     sum over micro batches is the full gradient. The temperature enters every re-forward, so its
     gradient is scaled by 1/k to be counted once.
+
+    Attention runs on the kernels `training_attention` picks for the inputs, backward included.
     """
+    with training_attention(micro_batches[0][0]):
+        return _contrastive_step(engine, micro_batches, image_mask=image_mask, text_mask=text_mask, seed=seed,
+                                 rank=rank, step=step, device=device, stop_requested=stop_requested, watch=watch)
+
+
+def _contrastive_step(engine, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], *, image_mask: float,
+                      text_mask: float, seed: int, rank: int, step: int, device: str,
+                      stop_requested: bool, watch: Stopwatch) -> StepOutcome:
     k = len(micro_batches)
 
     def outcome(loss: torch.Tensor, scale: torch.Tensor, stepped: bool, nonfinite: bool = False,

@@ -1,0 +1,227 @@
+"""`flip-ds bench`'s run: build the cases, interleave them, and turn the medians into rows."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import logging
+import os
+import platform
+import sys
+import warnings
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from flip_ds.bench.cases import interleave, median
+from flip_ds.bench.flip_case import FlipEngine, FlipStepCase
+from flip_ds.bench.peak import MatmulPeak
+from flip_ds.bench.table import Row, fill_mask_ratios, fill_throughput, largest_batch, peer_summary
+from flip_ds.config_loader import ConfigError, check
+from flip_ds.distributed import detect_dist_env, init_distributed, shutdown
+from flip_ds.models.config import REGISTRY, ModelConfig
+
+GiB = 2**30
+
+
+@dataclass
+class BenchSpec:
+    model: str = "B/16"
+    batch: int = 8  # per rank
+    masks: list[float] = field(default_factory=lambda: [0.0, 0.5, 0.75])
+    precisions: list[str] = field(default_factory=lambda: ["bf16"])
+    stages: list[int] = field(default_factory=lambda: [1])
+    steps: int = 2  # optimizer steps per timed block
+    rounds: int = 3  # blocks per case, interleaved with the other cases
+    warmup: int = 1  # unrecorded steps per case before the first round
+    peer: bool = False  # OpenCLIP's trainer on the same architecture and batch
+    max_batch: bool = False  # largest batch per mask under a memory budget
+    memory_budget_gb: float | None = None  # per rank; None: what mask 0 needs at `batch`
+    vocab_size: int = 49408  # OpenCLIP's; only the embedding table's size, no FLOPs
+    context_length: int = 32  # FLIP's
+    activation_checkpointing: bool = False  # neither stack recomputes by default; equal work
+
+    def validate(self) -> None:
+        check(self.model in REGISTRY, f"--model: '{self.model}' is not a model; choose one of {', '.join(REGISTRY)}")
+        check(self.batch > 0, f"--batch: {self.batch} must be > 0")
+        check(bool(self.masks) and all(0.0 <= m < 1.0 for m in self.masks), f"--masks: {self.masks} must be in [0, 1)")
+        check(all(p in ("bf16", "fp32") for p in self.precisions), f"--precision: {self.precisions}: bf16 or fp32")
+        check(all(s in (1, 2, 3) for s in self.stages), f"--zero: {self.stages}: ZeRO stages are 1, 2 or 3")
+        check(self.steps >= 1 and self.rounds >= 1 and self.warmup >= 0, "--steps and --rounds must be >= 1")
+        check(self.vocab_size > 4, f"--vocab-size: {self.vocab_size} must be > 4")
+        check(self.memory_budget_gb is None or self.memory_budget_gb > 0, "--memory-budget-gb must be > 0")
+        if self.max_batch:
+            check(0.0 in self.masks, "--max-batch needs mask 0 in --masks (the largest batches are compared to it)")
+        if self.peer:
+            try:
+                import open_clip  # noqa: F401
+                import open_clip_train  # noqa: F401
+            except ImportError:
+                raise ConfigError("--peer needs OpenCLIP: pip install 'flip-ds[bench]' (open-clip-torch)") from None
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return ModelConfig(name=self.model, context_length=self.context_length,
+                           activation_checkpointing=self.activation_checkpointing)
+
+
+@dataclass
+class BenchResult:
+    machine: dict[str, Any]
+    spec: BenchSpec
+    peak_tflops_per_rank: dict[str, float]  # the matmul peak of one rank, per precision
+    rows: list[Row]
+    peer: list[dict[str, Any]]  # table.peer_summary
+    max_batch: list[dict[str, Any]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"machine": self.machine, "spec": dataclasses.asdict(self.spec),
+                "peak_tflops_per_rank": self.peak_tflops_per_rank,
+                "rows": [{**dataclasses.asdict(r), "ratio_over_flops": r.ratio_over_flops} for r in self.rows],
+                "peer": self.peer, "max_batch": self.max_batch}
+
+
+def run_bench(spec: BenchSpec) -> BenchResult | None:
+    """Measure `spec` on however many ranks the launcher started; rank 0 returns the result, the others None."""
+    spec.validate()
+    denv = detect_dist_env()
+    # DeepSpeed's ZeRO still calls collectives that torch 2.13+ deprecates, on every step
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)`",
+                            category=FutureWarning)
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its per-engine INFO lines would bury the table
+    device = init_distributed(denv)
+    try:
+        result = _measure(spec, denv.world_size, denv.local_world_size, device)
+    finally:
+        shutdown()
+    return result if denv.rank == 0 else None
+
+
+def _log(message: str) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def _max_over_ranks(values: list[float]) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+def _node_threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _measure(spec: BenchSpec, world: int, local_world: int, device: str) -> BenchResult:
+    load_before = _load_average()
+    cfg = spec.model_config
+    peaks = {p: MatmulPeak(p, device) for p in spec.precisions}
+    engines = []
+    for stage in spec.stages:
+        for precision in spec.precisions:
+            _log(f"building {spec.model} under ZeRO-{stage} {precision}, batch {spec.batch} per rank x {world}")
+            engines.append(FlipEngine(cfg, spec.vocab_size, stage=stage, precision=precision, batch=spec.batch,
+                                      rank=dist.get_rank() if dist.is_initialized() else 0, world_size=world,
+                                      device=device))
+    flip_cases = [FlipStepCase(e, m) for e in engines for m in spec.masks]
+    peer_cases = []
+    if spec.peer:
+        from flip_ds.bench.openclip_peer import OpenClipStepCase, OpenClipTrainer
+
+        _log(f"building OpenCLIP's {spec.model} twin on rank 0 with {_node_threads()} threads")
+        trainer = OpenClipTrainer(cfg, spec.vocab_size, (engines[0].images, engines[0].tokens), device,
+                                  threads=_node_threads() if device == "cpu" else torch.get_num_threads())
+        peer_cases = [OpenClipStepCase(trainer, p, m) for p in spec.precisions for m in spec.masks]
+    cases = [*peaks.values(), *flip_cases, *peer_cases]
+    _log(f"{len(cases)} cases x {spec.rounds} rounds x {spec.steps} steps, interleaved")
+    samples = interleave(cases, spec.rounds, spec.steps, spec.warmup, progress=_log)
+    peak_per_rank = {p: peak.tflops(median(samples[peak.name])) for p, peak in peaks.items()}
+    # OpenCLIP runs as one process: on a CPU it has the whole node, on a GPU one device
+    peer_devices = local_world if device == "cpu" else 1
+
+    memory = _max_over_ranks([e.held_bytes for e in engines] + [c.peak_rise for c in flip_cases])
+    held = dict(zip([id(e) for e in engines], memory[:len(engines)]))
+    rows = []
+    for case, rise in zip(flip_cases, memory[len(engines):]):
+        e = case.engine
+        row = Row("flip-ds", e.label, e.precision, case.mask, spec.batch, world, median(samples[case.name]),
+                  samples[case.name], optimizer_share=case.optimizer_share, held_gb=held[id(e)] / GiB,
+                  peak_gb=(held[id(e)] + rise) / GiB)
+        fill_throughput(row, cfg, peak_per_rank[e.precision] * world)
+        rows.append(row)
+    for case in peer_cases:
+        row = Row("open_clip", case.name.split()[1], case.precision, case.mask, spec.batch, 1,
+                  median(samples[case.name]), samples[case.name])
+        fill_throughput(row, cfg, peak_per_rank[case.precision] * peer_devices)
+        rows.append(row)
+    fill_mask_ratios(rows, cfg)
+
+    max_batch = _largest_batches(spec, engines[0]) if spec.max_batch else []
+    for e in engines:
+        e.destroy()
+    machine = {**machine_info(device, world), "load_average_before": load_before, "load_average_after": _load_average()}
+    return BenchResult(machine, spec, peak_per_rank, rows, peer_summary(rows), max_batch)
+
+
+def _largest_batches(spec: BenchSpec, engine: FlipEngine) -> list[dict[str, Any]]:
+    """The paper's "more pairs under the same memory": per mask, the largest per-rank batch whose
+    step fits the budget (held state + activations), found with the engine of the first setup."""
+
+    def activations(batch: int, mask: float) -> int:
+        return int(_max_over_ranks([engine.activation_bytes(batch, mask)])[0])  # every rank searches alike
+
+    held = int(_max_over_ranks([engine.held_bytes])[0])
+    budget = (int(spec.memory_budget_gb * GiB) if spec.memory_budget_gb else held + activations(spec.batch, 0.0))
+    if budget <= held:
+        raise ConfigError(f"--memory-budget-gb: {spec.memory_budget_gb} GB is below the engine's held state "
+                          f"({held / GiB:.2f} GB per rank)")
+    entries = []
+    for mask in sorted(spec.masks):
+        _log(f"largest batch under {budget / GiB:.2f} GB per rank at mask {mask:g}")
+        batch = largest_batch(lambda b, m=mask: activations(b, m), budget - held, spec.batch)
+        entries.append({"mask": mask, "batch": batch, "activation_gb": activations(batch, mask) / GiB,
+                        "held_gb": held / GiB, "budget_gb": budget / GiB, "setup": engine.label,
+                        "measure": "step peak (max_memory_allocated)" if engine.device == "cuda"
+                        else "bytes saved for backward"})
+    unmasked = next(e["batch"] for e in entries if e["mask"] == 0.0)
+    for e in entries:
+        e["batch_vs_mask0"] = e["batch"] / unmasked
+    return entries
+
+
+def _load_average() -> float | None:
+    """The host's 1-minute load average: other tenants' work shows here (on 2 cores, 2.0 is ours alone)."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def machine_info(device: str, world: int) -> dict[str, Any]:
+    return {
+        "device": torch.cuda.get_device_name() if device == "cuda" else _cpu_name(),
+        "accelerator": device, "ranks": world, "node_threads": _node_threads(),
+        "threads_per_rank": torch.get_num_threads(), "host": platform.node(),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "python": platform.python_version(), "torch": torch.__version__, "deepspeed": _version("deepspeed"),
+        "timm": _version("timm"), "open_clip": _version("open_clip_torch"),
+    }

@@ -1,0 +1,169 @@
+"""The benchmark's machinery at smoke size: its arithmetic, OpenCLIP's twin of our model, and the
+JSON of one real two-rank run. Timings are never asserted: only their bookkeeping."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from flip_ds.bench.synthetic import synthetic_batch
+from flip_ds.bench.table import Row, fill_mask_ratios, fill_throughput, largest_batch, peer_summary, train_flops_ratio
+from flip_ds.cli import main
+from flip_ds.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from flip_ds.models.config import ModelConfig
+from flip_ds.models.flip import FLIP
+from flip_ds.models.flops import flops_per_sample
+from tests.distributed_helpers import torchrun
+
+B16 = ModelConfig(name="B/16")
+
+
+def test_throughput_tflops_and_mfu_follow_from_the_step_time():
+    row = Row("flip-ds", "zero1 bf16", "bf16", 0.5, batch_per_rank=8, ranks=2, step_s=4.0)
+    fill_throughput(row, B16, peak_tflops=0.8)
+    assert row.samples_per_s == 4.0  # 8 per rank x 2 ranks every 4 s
+    assert row.tflops == pytest.approx(flops_per_sample(B16, 0.5).train * 4.0 / 1e12)
+    assert row.mfu == pytest.approx(row.tflops / 0.8)
+
+
+def test_flops_ratio_keeps_image_tokens_and_the_whole_text():
+    # B/16 at 224 px with 32 text tokens: 98 (49) of 196 patches kept, text unchanged
+    assert train_flops_ratio(B16, 0.0) == 1.0
+    assert train_flops_ratio(B16, 0.5) == pytest.approx(0.5284, abs=1e-4)
+    assert train_flops_ratio(B16, 0.75) == pytest.approx(0.2997, abs=1e-4)
+
+
+def test_mask_ratios_compare_each_setup_with_its_own_unmasked_step():
+    rows = [Row("flip-ds", "zero1 bf16", "bf16", 0.0, 8, 2, 4.0), Row("flip-ds", "zero1 bf16", "bf16", 0.5, 8, 2, 2.4),
+            Row("flip-ds", "zero1 fp32", "fp32", 0.0, 8, 2, 8.0), Row("flip-ds", "zero1 fp32", "fp32", 0.5, 8, 2, 4.0),
+            Row("open_clip", "fp32", "fp32", 0.5, 8, 1, 3.0)]
+    fill_mask_ratios(rows, B16)
+    assert [r.ratio_to_mask0 for r in rows] == [1.0, pytest.approx(0.6), 1.0, 0.5, None]
+    assert rows[1].flops_ratio == train_flops_ratio(B16, 0.5)
+    assert rows[1].ratio_over_flops == pytest.approx(0.6 / train_flops_ratio(B16, 0.5))
+    assert rows[4].ratio_over_flops is None  # OpenCLIP was not timed unmasked here
+
+
+def test_peer_summary_pits_the_fastest_setup_of_each_stack_per_mask():
+    rows = []
+    for stack, setup, ranks, step_s in [("flip-ds", "zero1 bf16", 2, 4.0), ("flip-ds", "zero1 fp32", 2, 8.0),
+                                        ("open_clip", "amp_bf16", 1, 2.0), ("open_clip", "fp32", 1, 3.0)]:
+        row = Row(stack, setup, setup[-4:], 0.0, 8, ranks, step_s)
+        fill_throughput(row, B16, 1.0)
+        rows.append(row)
+    (entry,) = peer_summary(rows)
+    assert (entry["flip_ds"], entry["open_clip"]) == ("zero1 bf16", "amp_bf16")
+    assert entry["speedup"] == pytest.approx((16 / 4.0) / (8 / 2.0))
+
+
+@pytest.mark.parametrize("bytes_at", [lambda b: 1000 + 96 * b,  # affine, as activations are
+                                      lambda b: 4096 * math.ceil((300 + 96 * b) / 4096)])  # page-rounded
+def test_largest_batch_is_the_exact_boundary(bytes_at):
+    budget = bytes_at(8) + 500
+    calls = []
+
+    def measure(b: int) -> int:
+        calls.append(b)
+        return bytes_at(b)
+
+    found = largest_batch(measure, budget, start=4)
+    assert bytes_at(found) <= budget < bytes_at(found + 1)
+    assert largest_batch(bytes_at, bytes_at(1) - 1, start=4) == 0  # not even one sample fits
+    assert len(set(calls)) <= 10  # predicted from two points, then confirmed or bisected; no linear scan
+
+
+def test_synthetic_captions_are_laid_out_like_the_tokenizer_writes_them():
+    images, tokens = synthetic_batch(16, 32, 12, 100, seed=3, device="cpu", dtype=torch.bfloat16)
+    assert images.shape == (16, 3, 32, 32) and images.dtype == torch.bfloat16
+    assert (tokens[:, 0] == BOS_ID).all()
+    for row in tokens.tolist():
+        eos = row.index(EOS_ID)
+        assert all(4 <= t < 100 for t in row[1:eos]) and eos >= 2
+        assert all(t == PAD_ID for t in row[eos + 1:])
+    again = synthetic_batch(16, 32, 12, 100, seed=3, device="cpu", dtype=torch.bfloat16)
+    assert torch.equal(tokens, again[1]) and torch.equal(images, again[0])
+
+
+def test_openclip_twin_of_b16_is_its_builtin_vit_b16():
+    open_clip = pytest.importorskip("open_clip")
+    from flip_ds.bench.openclip_peer import openclip_model_config
+
+    ours = openclip_model_config(B16, vocab_size=49408, patch_dropout=0.5)
+    builtin = open_clip.get_model_config("ViT-B-16")
+    assert ours["embed_dim"] == builtin["embed_dim"]
+    for key in ("image_size", "layers", "width", "patch_size"):
+        assert ours["vision_cfg"][key] == builtin["vision_cfg"][key]
+    assert ours["vision_cfg"]["head_width"] == builtin["vision_cfg"].get("head_width", 64)
+    for key in ("vocab_size", "width", "heads", "layers"):
+        assert ours["text_cfg"][key] == builtin["text_cfg"][key]
+    assert ours["text_cfg"]["context_length"] == 32  # FLIP's, forced as --force-context-length would
+
+
+@pytest.mark.parametrize("mask", [0.0, 0.5])
+def test_openclip_twin_does_the_same_model_flops(mask):
+    open_clip = pytest.importorskip("open_clip")
+    from flip_ds.bench.openclip_peer import openclip_model_config
+
+    cfg = ModelConfig(name="tiny")
+    torch.manual_seed(0)
+    ours = FLIP(cfg, vocab_size=1000).train()
+    theirs = open_clip.model.CLIP(**openclip_model_config(cfg, 1000, patch_dropout=0.5), output_dict=True).train()
+    theirs.visual.patch_dropout.prob = mask
+    images, tokens = synthetic_batch(2, cfg.resolved_image_size, cfg.context_length, 1000, seed=0, device="cpu",
+                                     dtype=torch.float32)
+    with FlopCounterMode(display=False) as counted_ours:
+        ours(images, tokens, mask)
+    with FlopCounterMode(display=False) as counted_theirs:
+        theirs(images, tokens)
+    assert counted_ours.get_total_flops() == counted_theirs.get_total_flops()
+    n_ours, n_theirs = (sum(p.numel() for p in m.parameters()) for m in (ours, theirs))
+    assert n_theirs == pytest.approx(n_ours, rel=1e-3)  # OpenCLIP adds a pre-LayerNorm
+
+
+@pytest.mark.parametrize("args, cause", [(["--zero", "4"], "--zero"), (["--masks", "0.5", "--max-batch"], "mask 0"),
+                                         (["--model", "B/32"], "--model")])
+def test_bad_arguments_fail_in_one_line_before_any_work(args, cause, capsys):
+    assert main(["bench", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and cause in err
+
+
+def test_two_rank_smoke_run_reports_every_setup_consistently(tmp_path):
+    pytest.importorskip("open_clip")
+    out = tmp_path / "bench.json"
+    run = torchrun(["bench", "--smoke", "--zero", "1", "3", "--masks", "0", "0.5", "--peer", "--max-batch",
+                    "--json", str(out)], nproc=2, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "samples/s" in run.stdout and "largest batch" in run.stdout
+    result = json.loads(out.read_text())
+    tiny = ModelConfig(name="tiny")
+    assert result["machine"]["ranks"] == 2 and result["spec"]["model"] == "tiny"
+    peak = result["peak_tflops_per_rank"]["bf16"]
+    assert peak > 0
+    rows = result["rows"]
+    flip = {(r["setup"], r["mask"]): r for r in rows if r["stack"] == "flip-ds"}
+    assert set(flip) == {("zero1 bf16", 0.0), ("zero1 bf16", 0.5), ("zero3 bf16", 0.0), ("zero3 bf16", 0.5)}
+    theirs = {r["mask"]: r for r in rows if r["stack"] == "open_clip"}
+    assert set(theirs) == {0.0, 0.5} and all(r["ranks"] == 1 and r["setup"] == "amp_bf16" for r in theirs.values())
+    for r in rows:
+        assert r["step_s"] == statistics.median(r["step_s_samples"]) > 0
+        assert r["samples_per_s"] == pytest.approx(4 * r["ranks"] / r["step_s"])
+        assert r["tflops"] == pytest.approx(flops_per_sample(tiny, r["mask"]).train * r["samples_per_s"] / 1e12)
+        assert r["ratio_to_mask0"] == pytest.approx(r["step_s"] / next(
+            o["step_s"] for o in rows if o["stack"] == r["stack"] and o["setup"] == r["setup"] and o["mask"] == 0))
+    for r in flip.values():
+        assert r["mfu"] == pytest.approx(r["tflops"] / (2 * peak))
+        assert 0 < r["held_gb"] <= r["peak_gb"] and 0 <= r["optimizer_share"] < 1
+    # OpenCLIP is one process with the whole node: its MFU is against both ranks' peak too
+    assert theirs[0.0]["mfu"] == pytest.approx(theirs[0.0]["tflops"] / (2 * peak))
+    assert [p["mask"] for p in result["peer"]] == [0.0, 0.5]
+    assert all(p["speedup"] == pytest.approx(p["flip_ds_samples_per_s"] / p["open_clip_samples_per_s"])
+               for p in result["peer"])
+    unmasked, masked = result["max_batch"]
+    assert unmasked["batch"] == 4  # the budget is what mask 0 needs at the run's batch
+    assert masked["batch"] > unmasked["batch"] and masked["activation_gb"] <= masked["budget_gb"]

@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# flip-ds's GPU benchmark, one prepared command for a single-GPU machine (sized for an H200, 141 GB):
+# B/16, L/14 and H/14 in bf16 under ZeRO-1 and ZeRO-3 at image masks 0 / 0.5 / 0.75, each setup interleaved
+# with the others and with a bf16 matmul peak; prints samples/s, TFLOP/s, MFU and peak memory per setup and
+# writes one JSON per model. Sized to finish within 8 minutes on an H200 (estimated: not yet run on one; DeepSpeed
+# JIT-builds its FusedAdam CUDA op on the first engine, about a minute).
+#
+#   tools/gpu_bench.sh [--out DIR]      on the GPU machine (default DIR: runs/gpu_bench)
+#   tools/gpu_bench.sh --smoke          anywhere, CPU included: the tiny model, one round, seconds
+#   tools/gpu_bench.sh --wheels [DIR]   on a machine with PyPI: fetch into DIR (default wheels/) what a GPU
+#                                       machine without internet lacks: deepspeed, webdataset and their
+#                                       missing dependencies, for its Python (WHEEL_PYTHON, default 3.12)
+#
+# The GPU machine needs torch, timm, sentencepiece and pyyaml; deepspeed and webdataset come from wheels/ when
+# they are not installed. The repo is used in place (PYTHONPATH), nothing is pip-installed into it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+WHEEL_PYTHON=${WHEEL_PYTHON:-3.12}
+mode=gpu out=runs/gpu_bench wheels=wheels
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --smoke) mode=smoke ;;
+        --out) out=$2; shift ;;
+        --wheels) mode=wheels; if [ $# -gt 1 ] && [ "${2#--}" = "$2" ]; then wheels=$2; shift; fi ;;
+        -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+        *) echo "gpu_bench.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
+    esac
+    shift
+done
+
+if [ "$mode" = wheels ]; then
+    mkdir -p "$wheels"
+    # deepspeed is an sdist on PyPI; built here it is a pure-Python wheel (its CUDA ops JIT-build on first use)
+    "$PYTHON" -m pip wheel -q --no-deps -w "$wheels" deepspeed==0.19.8
+    "$PYTHON" -m pip download -q --no-deps --only-binary=:all: --python-version "$WHEEL_PYTHON" --implementation cp \
+        --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d "$wheels" \
+        webdataset==1.0.2 braceexpand==0.1.7 hjson==3.1.0 pydantic==2.14.4 pydantic-core==2.50.5 \
+        annotated-types==0.8.0 typing-inspection==0.4.5
+    ls -1 "$wheels"
+    exit 0
+fi
+
+if ! "$PYTHON" -c "import deepspeed, webdataset" 2>/dev/null; then
+    ls "$wheels"/*.whl >/dev/null 2>&1 || {
+        echo "gpu_bench.sh: deepspeed/webdataset are not installed and $wheels/ has no wheels; make them with" \
+             "'tools/gpu_bench.sh --wheels' on a machine with PyPI and copy $wheels/ here" >&2
+        exit 1
+    }
+    site=$(mktemp -d /tmp/flipds-site.XXXX)
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --target "$site" "$wheels"/*.whl
+    export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+mkdir -p "$out"
+"$PYTHON" -c "import torch; print('torch', torch.__version__, '|', torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU: CPU')"
+
+bench() {  # NAME, then flip-ds bench arguments; a model that fails (e.g. out of memory) does not stop the others
+    local name=$1; shift
+    echo "== $name: flip-ds bench $*"
+    "$PYTHON" -m flip_ds bench --json "$out/$name.json" "$@" 2>&1 | tee "$out/$name.log" || echo "== $name FAILED (see $out/$name.log)"
+}
+
+if [ "$mode" = smoke ]; then
+    bench smoke --smoke --zero 1 3 --masks 0 0.5 0.75
+    exit 0
+fi
+common=(--precision bf16 --zero 1 3 --masks 0 0.5 0.75 --rounds 3)
+bench b16 --model B/16 --batch 256 --steps 5 "${common[@]}"
+bench l14 --model L/14 --batch 128 --steps 4 "${common[@]}"
+bench h14 --model H/14 --batch 64 --steps 3 "${common[@]}"
