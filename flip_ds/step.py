@@ -17,9 +17,10 @@ from flip_ds.models.attention import training_attention
 class StepOutcome:
     loss: float
     temperature: float
-    stepped: bool  # False: skipped (non-finite loss somewhere) or stopped (a rank was signalled)
-    nonfinite: bool
-    stop: bool
+    stepped: bool  # False when any flag below is set: no rank updated
+    nonfinite: bool = False  # some rank's loss was not finite: every rank skips the update
+    stop: bool = False  # some rank was signalled: every rank saves and stops
+    abort: bool = False  # some rank cannot go on (its data failed): every rank stops without saving
 
 
 def mask_seed(seed: int, rank: int, step: int, micro: int) -> int:
@@ -27,18 +28,18 @@ def mask_seed(seed: int, rank: int, step: int, micro: int) -> int:
     return int(np.random.SeedSequence([seed, rank, step, micro]).generate_state(1)[0])
 
 
-def _agree(device: str, nonfinite: bool, stop: bool) -> tuple[bool, bool]:
-    """All ranks learn whether any rank saw a non-finite loss or a stop signal: one small
-    all-reduce per step, so they skip or stop together and no collective is left waiting."""
-    flags = torch.tensor([float(nonfinite), float(stop)], device=device)
+def _agree(device: str, *flags: bool) -> list[bool]:
+    """Each flag raised on any rank is raised on all: one small all-reduce per step, so the ranks
+    skip, stop or abort together and no collective is left waiting for a rank that went away."""
+    values = torch.tensor([float(f) for f in flags], device=device)
     if dist.is_initialized():
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    return bool(flags[0]), bool(flags[1])
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in values.tolist()]
 
 
 def contrastive_step(engine, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], *, image_mask: float,
-                     text_mask: float, seed: int, rank: int, step: int, device: str,
-                     stop_requested: bool, watch: Stopwatch) -> StepOutcome:
+                     text_mask: float, seed: int, rank: int, step: int, device: str, stop_requested: bool,
+                     watch: Stopwatch, abort_requested: bool = False) -> StepOutcome:
     """Forward, backward and update over `micro_batches` (this rank's share of the global batch).
 
     With one micro batch it is a plain step. With k > 1 it is OpenCLIP's feature cache: a no-grad
@@ -53,17 +54,17 @@ def contrastive_step(engine, micro_batches: list[tuple[torch.Tensor, torch.Tenso
     """
     with training_attention(micro_batches[0][0]):
         return _contrastive_step(engine, micro_batches, image_mask=image_mask, text_mask=text_mask, seed=seed,
-                                 rank=rank, step=step, device=device, stop_requested=stop_requested, watch=watch)
+                                 rank=rank, step=step, device=device, stop_requested=stop_requested,
+                                 abort_requested=abort_requested, watch=watch)
 
 
 def _contrastive_step(engine, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], *, image_mask: float,
                       text_mask: float, seed: int, rank: int, step: int, device: str,
-                      stop_requested: bool, watch: Stopwatch) -> StepOutcome:
+                      stop_requested: bool, abort_requested: bool, watch: Stopwatch) -> StepOutcome:
     k = len(micro_batches)
 
-    def outcome(loss: torch.Tensor, scale: torch.Tensor, stepped: bool, nonfinite: bool = False,
-                stop: bool = False) -> StepOutcome:
-        return StepOutcome(loss.item(), 1.0 / scale.item(), stepped, nonfinite, stop)
+    def outcome(loss: torch.Tensor, scale: torch.Tensor, flags: list[bool]) -> StepOutcome:
+        return StepOutcome(loss.item(), 1.0 / scale.item(), not any(flags), *flags)
 
     def forward(j: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         images, tokens = micro_batches[j]
@@ -73,23 +74,23 @@ def _contrastive_step(engine, micro_batches: list[tuple[torch.Tensor, torch.Tens
     if k == 1:
         image_emb, text_emb, scale = forward(0)
         loss = contrastive_loss(image_emb, text_emb, scale)
-        nonfinite, stop = _agree(device, not torch.isfinite(loss).item(), stop_requested)
-        if nonfinite or stop:
-            return outcome(loss, scale, False, nonfinite, stop)
+        flags = _agree(device, not torch.isfinite(loss).item(), stop_requested, abort_requested)
+        if any(flags):
+            return outcome(loss, scale, flags)
         engine.backward(loss)
         watch.lap("forward_backward")
         engine.step()
         watch.lap("optimizer")
-        return outcome(loss, scale, True)
+        return outcome(loss, scale, flags)
 
     with torch.no_grad():
         cached = [forward(j) for j in range(k)]
         cached_images = [c[0] for c in cached]
         cached_texts = [c[1] for c in cached]
         loss = contrastive_loss(torch.cat(cached_images), torch.cat(cached_texts), cached[0][2])
-    nonfinite, stop = _agree(device, not torch.isfinite(loss).item(), stop_requested)
-    if nonfinite or stop:
-        return outcome(loss, cached[0][2], False, nonfinite, stop)
+    flags = _agree(device, not torch.isfinite(loss).item(), stop_requested, abort_requested)
+    if any(flags):
+        return outcome(loss, cached[0][2], flags)
     for j in range(k):
         image_emb, text_emb, scale = forward(j)
         images = torch.cat(cached_images[:j] + [image_emb] + cached_images[j + 1:])
@@ -99,4 +100,4 @@ def _contrastive_step(engine, micro_batches: list[tuple[torch.Tensor, torch.Tens
         watch.lap("forward_backward")
         engine.step()  # a real update only after the last micro batch
         watch.lap("optimizer")
-    return outcome(loss, cached[0][2], True)
+    return outcome(loss, cached[0][2], flags)

@@ -18,7 +18,7 @@ from flip_ds import engine as ds_engine
 from flip_ds.config import Recipe
 from flip_ds.config_loader import ConfigError
 from flip_ds.data.pipeline import DataError, TrainStream
-from flip_ds.data.tokenizer import EOS_ID, PAD_ID, Tokenizer
+from flip_ds.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
 from flip_ds.distributed import DistEnv, detect_dist_env, init_distributed, shutdown
 from flip_ds.engine_config import validate_for_launch
 from flip_ds.metrics import Stopwatch, TrainLogger, device_peak_tflops, format_eta, peak_memory_bytes
@@ -124,7 +124,10 @@ class Trainer:
                 span = self.plan.span_at(step)
                 data_state = self.stream.state_dict()  # position before this step's batches
                 watch.lap("other")
-                micro = [self._to_device(next(batches)) for _ in range(self.accum)]
+                try:
+                    micro, data_error = [self._to_device(next(batches)) for _ in range(self.accum)], None
+                except DataError as e:  # this rank's data failed; the others learn it at the step's agreement
+                    micro, data_error = self._placeholder_batches(), e
                 watch.lap("data_wait")
                 if span.index != self.state.phase:
                     self._start_phase(span, step, micro[0][0])
@@ -133,7 +136,9 @@ class Trainer:
                 outcome = contrastive_step(self.engine, micro, image_mask=span.phase.mask_ratio,
                                            text_mask=span.phase.text_mask_ratio, seed=r.train.seed, rank=self.rank,
                                            step=step, device=self.device, stop_requested=self.stop.requested,
-                                           watch=watch)
+                                           abort_requested=data_error is not None, watch=watch)
+                if outcome.abort:
+                    raise data_error or DataError("another rank stopped on a data error (see its message)")
                 if outcome.stop:
                     self.state.step, self.state.data = step, data_state
                     self._save(step)
@@ -172,6 +177,15 @@ class Trainer:
     def _to_device(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         images = batch.images.to(self.device, dtype=self.dtype, non_blocking=True)
         return images, batch.tokens.to(self.device, non_blocking=True)
+
+    def _placeholder_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Stand-in batches for a rank whose data failed: it takes part in the step's collectives
+        (forward included) so that every rank reaches the agreement that aborts the run."""
+        size, micro = self.recipe.model.resolved_image_size, self.recipe.train.micro_batch
+        images = torch.zeros(micro, 3, size, size, device=self.device, dtype=self.dtype)
+        tokens = torch.full((micro, self.recipe.model.context_length), PAD_ID, device=self.device)
+        tokens[:, 0], tokens[:, 1] = BOS_ID, EOS_ID
+        return [(images, tokens)] * self.accum
 
     def _start_phase(self, span: PhaseSpan, step: int, images: torch.Tensor) -> None:
         samples = step * self.recipe.train.global_batch

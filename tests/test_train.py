@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+import tarfile
 import time
 from pathlib import Path
 
@@ -170,3 +171,48 @@ def _logged_steps(out: Path) -> int:
         return len(losses(out))
     except KeyError:  # no scalar written yet
         return 0
+
+
+def _shards_with_one_bad_stream(demo, root: Path) -> tuple[str, list[str]]:
+    """4 shards of the built-in data, split without resampling over 2 ranks x 2 workers (one shard a
+    worker); every JPEG of the shard of rank 1's first worker is garbage. Returns (spec, bad shards)."""
+    from webdataset import TarWriter
+
+    from flip_ds.data.config import DataConfig, DataSource
+    from flip_ds.data.shards import ShardPlan, list_shards
+
+    root.mkdir()
+    sources = list_shards(demo.train)
+    spec = str(root / "{00000..00003}.tar")
+    plan = ShardPlan.from_config(DataConfig(train=[DataSource(spec)], resample=False), seed=0)
+    bad = plan.stream(1, 2, 0, 2).mine
+    for i, src in enumerate(sources[:4]):
+        path = str(root / f"{i:05d}.tar")
+        with tarfile.open(src) as tar, TarWriter(path, encoder=False, mtime=0) as out:
+            samples: dict[str, dict[str, bytes]] = {}
+            for member in tar.getmembers():
+                key, ext = member.name.split(".", 1)
+                samples.setdefault(key, {"__key__": key})[ext] = tar.extractfile(member).read()
+            for sample in samples.values():
+                if path in bad and "jpg" in sample:
+                    sample["jpg"] = b"\xff\xd8 not a jpeg"
+                out.write(sample)
+    return spec, bad
+
+
+def test_a_rank_whose_shards_are_all_bad_neither_hangs_nor_is_silent(demo_shards, zero3_json, tmp_path):
+    spec, bad = _shards_with_one_bad_stream(demo_shards, tmp_path / "shards")
+    common = [f"data.train=[{{shards: '{spec}'}}]", "data.resample=false", "data.workers=2",
+              "data.skip_rate_min_samples=8"]
+    # tolerated: rank 1's other worker feeds it, nobody waits forever, and the skips are counted
+    out = tmp_path / "tolerated"
+    done = torchrun(train_args(demo_shards, out, *common, "data.max_skip_rate=1.0", ds=zero3_json, steps=(4, 1)),
+                    timeout=240)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert max(scalars(out / "tensorboard", "data/corrupt_image").values()) > 0
+    # over the limit: every rank stops with the error naming the bad shard, and no rank hangs
+    out = tmp_path / "limited"
+    procs = spawn_ranks(train_args(demo_shards, out, *common, "data.max_skip_rate=0.3", ds=zero3_json))
+    results = wait_all(procs, timeout=240)
+    assert all(rc == 1 for rc, _ in results), results
+    assert any(Path(b).name in text for b in bad for _, text in results), results
