@@ -12,7 +12,6 @@ import base64
 import contextlib
 import json
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,9 +56,9 @@ def resolve_checkpoint_dir(path: Path) -> tuple[Path, str]:
 
 
 def read_checkpoint_dir(path: Path) -> Checkpoint:
+    root, tag = resolve_checkpoint_dir(path)  # before importing DeepSpeed: a wrong path fails at once
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    root, tag = resolve_checkpoint_dir(path)
     tag_dir = root / tag
     # DeepSpeed reports its progress with print(); keep stdout for our own results.
     with contextlib.redirect_stdout(sys.stderr):
@@ -99,16 +98,8 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     raise ConfigError(f"checkpoint '{path}' does not exist")
 
 
-def tokenizer_from_bytes(model: bytes, context_length: int) -> Tokenizer:
-    """SentencePiece loads the model into memory, so the temporary file can go right after."""
-    with tempfile.TemporaryDirectory() as tmp:
-        file = Path(tmp) / "tokenizer.model"
-        file.write_bytes(model)
-        return Tokenizer(str(file), context_length)
-
-
 def build_from(ckpt: Checkpoint, device: str | torch.device = "cpu") -> tuple[FLIP, Tokenizer]:
-    tokenizer = tokenizer_from_bytes(ckpt.tokenizer_model, ckpt.recipe.model.context_length)
+    tokenizer = Tokenizer(ckpt.tokenizer_model, ckpt.recipe.model.context_length)
     model = build_model(ckpt.recipe.model, tokenizer.vocab_size, pad_id=PAD_ID, eos_id=EOS_ID)
     where = f"'{ckpt.source}' does not match its recipe's model ({ckpt.recipe.model.name})"
     try:

@@ -14,16 +14,18 @@ PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3  # fixed at training time, read by t
 class Tokenizer:
     """`[BOS] pieces [EOS] [PAD]...` in `context_length` ids; EOS stays last when a caption is cut."""
 
-    def __init__(self, model_file: str, context_length: int) -> None:
+    def __init__(self, model: str | bytes, context_length: int) -> None:
+        """`model`: a SentencePiece .model file, or its bytes (as embedded in an exported model)."""
+        source = model if isinstance(model, str) else "<bytes>"
         try:
-            self.sp = spm.SentencePieceProcessor(model_file=model_file)
-        except OSError as e:
-            raise FileNotFoundError(f"cannot load SentencePiece model '{model_file}': {e}") from None
+            self.sp = (spm.SentencePieceProcessor(model_file=model) if isinstance(model, str)
+                       else spm.SentencePieceProcessor(model_proto=model))
+        except (OSError, RuntimeError) as e:
+            raise FileNotFoundError(f"cannot load SentencePiece model '{source}': {e}") from None
         if (self.sp.pad_id(), self.sp.bos_id(), self.sp.eos_id()) != (PAD_ID, BOS_ID, EOS_ID):
-            raise ValueError(f"SentencePiece model '{model_file}' must use pad={PAD_ID} bos={BOS_ID} eos={EOS_ID}; "
+            raise ValueError(f"SentencePiece model '{source}' must use pad={PAD_ID} bos={BOS_ID} eos={EOS_ID}; "
                              "train it with `flip-ds train-tokenizer`")
         self.context_length = context_length
-        self.model_file = model_file
 
     @property
     def vocab_size(self) -> int:
@@ -49,13 +51,14 @@ def train_tokenizer(captions: Iterable[str], model_prefix: str, vocab_size: int 
         for text in captions:
             text = " ".join(text.split())
             if text:
-                yield text.lower() if lowercase else text
+                yield text
 
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=sentences(), model_writer=model, vocab_size=vocab_size,
         model_type="unigram", character_coverage=character_coverage, input_sentence_size=max_sentences,
         shuffle_input_sentence=True, pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
+        # case folding lives in the model's normaliser, so encoding lowercases the same way
         normalization_rule_name="nmt_nfkc_cf" if lowercase else "nmt_nfkc", hard_vocab_limit=False,
         minloglevel=2,
     )
