@@ -72,6 +72,10 @@ def _check_inputs(recipe: Recipe) -> None:
     if not Path(recipe.data.tokenizer).is_file():
         raise ConfigError(f"data.tokenizer: '{recipe.data.tokenizer}' does not exist (make one with "
                           "`flip-ds train-tokenizer`)")
+    if recipe.eval.sets:  # a wrong eval path fails now, not hours into the run
+        from flip_ds.evaluation.runner import check_sets
+
+        check_sets(recipe.eval.sets)
 
 
 class NonFiniteError(RuntimeError):
