@@ -62,7 +62,8 @@ def run_demo(recipe_path: str, data_dir: str, out_dir: str, train_samples: int) 
                  f"data.train=[{{shards: '{demo.train}'}}]", f"data.tokenizer={demo.tokenizer}",
                  f"eval.sets.0.path={demo.zero_shot}", f"eval.sets.0.classnames={demo.classnames}",
                  f"eval.sets.0.templates={demo.templates}", f"eval.sets.1.path={demo.retrieval}"]
-    launcher = [shutil.which("deepspeed") or "deepspeed", "--num_gpus", str(nproc), "--module", "flip_ds"]
+    # `deepspeed` is this module's console script; calling the module needs no PATH
+    launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc), "--module", "flip_ds"]
     train_start = time.perf_counter()
     _run(f"train ({nproc} x {device}, deepspeed launcher)", [*launcher, "train", "--config", recipe_path, *overrides])
     train_seconds = time.perf_counter() - train_start
