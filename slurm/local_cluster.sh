@@ -109,7 +109,8 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket=$SOCK
+# cred_expire: a requeued job may start again this many seconds (+1) after its requeue (default 120)
+AuthInfo=socket=$SOCK,cred_expire=10
 SlurmctldPort=$PORT
 StateSaveLocation=$DIR/state/ctld
 SlurmdSpoolDir=$DIR/state/slurmd-%n
@@ -129,8 +130,9 @@ MinJobAge=3600
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 SchedulerType=sched/backfill
-# start jobs as soon as they are submitted (the default waits up to 3 s)
-SchedulerParameters=batch_sched_delay=0,sched_min_interval=0
+# start jobs as soon as they are submitted (the default waits up to 3 s) or become eligible
+# (a requeued job's BeginTime passes; the default pass over pending jobs runs every 60 s)
+SchedulerParameters=batch_sched_delay=0,sched_min_interval=0,sched_interval=2
 # a dependency that can never be satisfied cancels the dependant instead of leaving it pending
 DependencyParameters=kill_invalid_depend
 # reject at submission what the partition can never run, instead of pending forever

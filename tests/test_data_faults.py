@@ -132,3 +132,18 @@ def test_resume_over_faulty_shards_repeats_batches_and_counts(faulty_shards, dem
     assert all((a.images == b.images).all() for a, b in zip(after, again))
     assert resumed.skip_counts() == counts
     resumed.close()
+
+
+def test_a_worker_whose_shards_are_all_bad_does_not_stall_its_rank(tmp_path, demo_shards):
+    # Fixed list of 2 shards over 2 workers: each worker owns one; one shard holds only corrupt images.
+    rng = np.random.default_rng(3)
+    bad = write_tar(tmp_path / "bad.tar", [{"__key__": f"{i:03d}", "jpg": rng.bytes(200), "txt": b"a caption"}
+                                           for i in range(60)])
+    good = demo_shards.train.replace("{00000..00003}", "00000")
+    stream = make_stream(f"{good}::{bad}", demo_shards.tokenizer, workers=2, batch_size=8, resample=False)
+    it = iter(stream)
+    batches = [next(it) for _ in range(20)]  # 160 samples: more than one pass over the good shard
+    counts = stream.skip_counts()
+    stream.close()
+    assert len({b.worker for b in batches}) == 1 and all(k.startswith(good) for b in batches for k in b.keys)
+    assert counts["corrupt_image"] >= 60 and counts["samples_read"] >= 160 + 60

@@ -2,9 +2,11 @@
 requeues and dependency chains, training the tiny model under ZeRO-3 on CPU ranks over gloo.
 
 CI starts the cluster (slurm/local_cluster.sh up; two slurmd "nodes" on one host) and exports
-SLURM_CONF; without SLURM_CONF these tests skip. The module fixture submits every run at once, so
-the cluster runs them side by side; what an operator or the scheduler would do to a run while it
-trains (signal it, start a requeued job, cut a chain short) is done by a driver thread per run.
+SLURM_CONF; without SLURM_CONF these tests skip. The 1-rank runs are submitted first and train in
+the background; the 2-rank runs go one at a time (two gloo jobs on two cores slow each other's
+collectives to a crawl). What the scheduler or an operator does to a run while it trains (signal
+it, start a requeued job, stop a job of a chain) is done by the test, or by a driver thread for
+the background run that needs it.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ from pathlib import Path
 import pytest
 
 from tests.distributed_helpers import REPO, scalars
-from tests.engine_helpers import ZERO3_PARTITION_ALL, write_json
 
 pytestmark = pytest.mark.skipif(not os.environ.get("SLURM_CONF"),
                                 reason="no Slurm cluster: run `slurm/local_cluster.sh up` and eval its `env` output")
@@ -34,11 +35,11 @@ SHORT = (24, 4)  # masked, unmasked steps: the 2-rank runs
 LONG = (500, 4)
 
 
-def recipe(demo, out: Path, ds_json: str, steps: tuple[int, int], ranks: int) -> list[str]:
-    """Dotted overrides of configs/tiny_cpu.yaml: the test's small dataset, `steps` per phase."""
+def recipe(demo, out: Path, steps: tuple[int, int], ranks: int) -> list[str]:
+    """Dotted overrides of configs/tiny_cpu.yaml (ZeRO-3, bf16): the test's small dataset, `steps` per phase."""
     return [f"output_dir={out}", f"data.train=[{{shards: '{demo.train}'}}]", f"data.tokenizer={demo.tokenizer}",
             "data.workers=0", "data.sample_shuffle=64", f"train.global_batch={G}", f"train.micro_batch={G // ranks}",
-            f"train.deepspeed={ds_json}", f"phases.0.samples={steps[0] * G}", f"phases.0.warmup_samples={2 * G}",
+            f"phases.0.samples={steps[0] * G}", f"phases.0.warmup_samples={2 * G}",
             f"phases.1.samples={steps[1] * G}", "phases.1.warmup_samples=0", "checkpoint.every_samples=0",
             f"logging.every_steps={1 if steps == SHORT else 10}", "logging.masked_image_grid=false", "eval.sets=[]"]
 
@@ -99,27 +100,27 @@ class Job:
 
     def start_when_requeued(self, *updates: str) -> None:
         """Wait until the job is queued again after a requeue, then start it now (with `updates`
-        such as TimeLimit=10): Slurm holds a requeued job for about two minutes (BeginTime)."""
+        such as TimeLimit=60): Slurm holds a requeued job for about two minutes (BeginTime)."""
         self.wait(lambda: (int(self.info()["Restarts"]) >= 1 and self.info()["JobState"] == "PENDING"), "requeue")
         subprocess.run(["scontrol", "update", f"JobId={self.id}", "StartTime=now", *updates], check=True)
 
 
 @dataclass
 class Run:
-    out: Path
+    out: Path  # the run's output_dir
     jobs: list[Job]
-    driver: Callable[[Run], None] | None = None
     error: BaseException | None = field(default=None, repr=False)
     thread: threading.Thread | None = field(default=None, repr=False)
 
-    def start_driver(self) -> None:
-        def drive() -> None:
+    def drive(self, action: Callable[[Run], None]) -> None:
+        """Do `action(self)` in a thread while the other tests go on, as an operator would."""
+        def act() -> None:
             try:
-                self.driver(self)
+                action(self)
             except BaseException as e:  # reported by driven()
                 self.error = e
 
-        self.thread = threading.Thread(target=drive, daemon=True)
+        self.thread = threading.Thread(target=act, daemon=True)
         self.thread.start()
 
     def driven(self) -> Run:
@@ -139,29 +140,10 @@ def submit(out: Path, *args: str) -> list[Job]:
     return [Job(i, out) for i in ids]
 
 
-def preempt_once(run: Run) -> None:
-    """USR1 to the batch script after a few steps (as `--signal` before a time limit would send);
-    start the requeued job at once."""
-    job = run.jobs[0]
-    job.wait(lambda: job.steps_logged() >= 3, "training steps")
-    job.preempt()
-    job.start_when_requeued()
-
-
 def start_with_more_time(run: Run) -> None:
     """The warning of this run's 5-minute limit is due at once; once the job has checkpointed and
     requeued itself, start the rerun with the time to finish."""
-    run.jobs[0].start_when_requeued("TimeLimit=10")
-
-
-def cut_chain_jobs_short(run: Run) -> None:
-    """Stop each of the first two jobs of the chain a few steps after it started training."""
-    resumed_at = 0
-    for job in run.jobs[:2]:
-        job.wait(lambda j=job, s=resumed_at: j.steps_logged() >= s + 3, "training steps")
-        job.preempt()
-        job.finished()
-        resumed_at = job.stopped_at()
+    run.jobs[0].start_when_requeued("TimeLimit=60")
 
 
 def final(out: Path) -> tuple[float, float]:
@@ -172,37 +154,36 @@ def final(out: Path) -> tuple[float, float]:
     return samples[last], loss[last]
 
 
-@pytest.fixture(scope="module")
-def ds_json(tmp_path_factory) -> str:
-    return write_json(tmp_path_factory.mktemp("ds") / "zero3.json", ZERO3_PARTITION_ALL)
-
-
 ONE_NODE, TWO_NODES, ONE_RANK = (["--nodes", "1", "--tasks-per-node", "2"], ["--nodes", "2", "--tasks-per-node", "1"],
                                  ["--nodes", "1", "--tasks-per-node", "1"])
 
 
+def start(out: Path, name: str, layout: list[str], demo, steps: tuple[int, int], *extra: str) -> Run:
+    ranks = int(layout[layout.index("--tasks-per-node") + 1]) * int(layout[layout.index("--nodes") + 1])
+    return Run(out, submit(out, *layout, "--job-name", name, *recipe(demo, out, steps, ranks), *extra))
+
+
 @pytest.fixture(scope="module")
-def runs(demo_shards, ds_json, tmp_path_factory) -> dict[str, Run]:
-    plans = {
-        "one_node": (ONE_NODE, SHORT, [], None),  # the 2-rank reference
-        "two_nodes": (TWO_NODES + ["--chain", "2"], SHORT, [], None),
-        "preempted": (ONE_NODE, SHORT, [], preempt_once),
-        "chain": (ONE_NODE + ["--chain", "3", "--max-restarts", "0"], SHORT, [], cut_chain_jobs_short),
-        "long_reference": (ONE_RANK, LONG, [], None),
-        # the warning is due at once (290 s before a 5-minute limit): Slurm sends it at its next check
-        "time_limit": (ONE_RANK + ["--time", "5", "--signal-seconds", "290"], LONG, [], start_with_more_time),
-        # a tokenizer file that exists but is not a SentencePiece model: only the training tasks find out
-        "failing": (ONE_RANK + ["--chain", "2"], SHORT, [f"data.tokenizer={ds_json}"], None),
-    }
-    runs = {}
-    for name, (layout, steps, extra, driver) in plans.items():
-        out = tmp_path_factory.mktemp(name)
-        ranks = int(layout[layout.index("--tasks-per-node") + 1]) * int(layout[layout.index("--nodes") + 1])
-        jobs = submit(out, *layout, "--job-name", name, *recipe(demo_shards, out, ds_json, steps, ranks), *extra)
-        runs[name] = Run(out, jobs, driver)
-        if driver:
-            runs[name].start_driver()
+def background(demo_shards, tmp_path_factory) -> dict[str, Run]:
+    """The 1-rank runs, submitted together first."""
+    runs = {"long_reference": start(tmp_path_factory.mktemp("long_reference"), "long_reference", ONE_RANK,
+                                    demo_shards, LONG),
+            # the warning is due at once (290 s before a 5-minute limit): Slurm sends it at its next check
+            "time_limit": start(tmp_path_factory.mktemp("time_limit"), "time_limit",
+                                ONE_RANK + ["--time", "5", "--signal-seconds", "290"], demo_shards, LONG),
+            # a tokenizer file that exists but is not a SentencePiece model: only the training tasks find out
+            "failing": start(tmp_path_factory.mktemp("failing"), "failing", ONE_RANK + ["--chain", "2"],
+                             demo_shards, SHORT, f"data.tokenizer={REPO / 'configs' / 'tiny_cpu.yaml'}")}
+    runs["time_limit"].drive(start_with_more_time)
     return runs
+
+
+@pytest.fixture(scope="module")
+def one_node(background, demo_shards, tmp_path_factory) -> Run:
+    """The 2-rank reference: 1 node x 2 tasks, uninterrupted, finished."""
+    run = start(tmp_path_factory.mktemp("one_node"), "one_node", ONE_NODE, demo_shards, SHORT)
+    run.jobs[0].finished()
+    return run
 
 
 def assert_ended(job: Job, state: str, exit_code: str, restarts: int) -> dict[str, str]:
@@ -212,37 +193,39 @@ def assert_ended(job: Job, state: str, exit_code: str, restarts: int) -> dict[st
     return info
 
 
-def test_one_node_two_tasks_trains_under_zero3_and_completes(runs):
-    run = runs["one_node"]
-    info = assert_ended(run.jobs[0], "COMPLETED", "0:0", 0)
+def test_one_node_two_tasks_trains_under_zero3_and_completes(one_node):
+    info = assert_ended(one_node.jobs[0], "COMPLETED", "0:0", 0)
     assert (info["NumNodes"], info["NumTasks"], info["Requeue"]) == ("1", "2", "1")  # --requeue from the template
-    log = run.jobs[0].text()
+    log = one_node.jobs[0].text()
     assert "training tiny on 2 rank(s)" in log
     assert re.search(r"\| step \d+/\d+ \| samples \d+ .*\| loss \d+\.\d+", log)
     # ZeRO-3 writes one model-state shard per rank (stages 1-2 write a single mp_rank_00 file)
-    last = run.out / "checkpoints" / (run.out / "checkpoints" / "latest").read_text().strip()
+    last = one_node.out / "checkpoints" / (one_node.out / "checkpoints" / "latest").read_text().strip()
     assert {p.name for p in last.glob("zero_pp_rank_*_mp_rank_00_model_states.pt")} == {
         "zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_model_states.pt"}
-    assert final(run.out)[0] == sum(SHORT) * G
+    assert final(one_node.out)[0] == sum(SHORT) * G
 
 
-def test_two_nodes_one_task_each_trains_the_same_and_ends_its_chain(runs):
-    first, second = runs["two_nodes"].jobs
+def test_two_nodes_one_task_each_trains_the_same_and_ends_its_chain(one_node, demo_shards, tmp_path):
+    run = start(tmp_path, "two_nodes", TWO_NODES + ["--chain", "2"], demo_shards, SHORT)
+    first, second = run.jobs
     info = assert_ended(first, "COMPLETED", "0:0", 0)
     assert (info["NumNodes"], info["NumTasks"]) == ("2", "2")
     log = first.text()
     assert "training tiny on 2 rank(s)" in log and "2 node(s) x 1 task(s)" in log
     # the same ranks, data and seeds as on one node: the same training, step for step
-    assert_ended(runs["one_node"].jobs[0], "COMPLETED", "0:0", 0)
-    assert final(runs["two_nodes"].out) == final(runs["one_node"].out)
+    assert final(run.out) == final(one_node.out)
     # a finished run cancels the jobs chained after it instead of letting them start for nothing
     assert f"cancelling the jobs chained after this one: {second.id}" in log
     assert second.finished()["JobState"] == "CANCELLED"
 
 
-def test_usr1_to_the_batch_script_checkpoints_requeues_and_resumes_exactly(runs):
-    run = runs["preempted"].driven()
+def test_usr1_to_the_batch_script_checkpoints_requeues_and_resumes_exactly(one_node, demo_shards, tmp_path):
+    run = start(tmp_path, "preempted", ONE_NODE, demo_shards, SHORT)
     job = run.jobs[0]
+    job.wait(lambda: job.steps_logged() >= 3, "training steps")
+    job.preempt()  # what Slurm's --signal=B:USR1 does before a time limit
+    job.start_when_requeued()
     assert_ended(job, "COMPLETED", "0:0", 1)
     log = job.text()
     assert "USR1: asking the training tasks to save a checkpoint" in log
@@ -250,29 +233,16 @@ def test_usr1_to_the_batch_script_checkpoints_requeues_and_resumes_exactly(runs)
     assert 3 <= stopped < sum(SHORT)
     assert f"requeueing job {job.id} (restart 1)" in log
     assert f"at step {stopped} ({stopped * G} samples)" in log.split("resumed from")[1]
-    assert_ended(runs["one_node"].jobs[0], "COMPLETED", "0:0", 0)
     assert final(run.out)[0] == sum(SHORT) * G
-    assert final(run.out) == final(runs["one_node"].out)  # the same samples seen, the same final loss
+    assert final(run.out) == final(one_node.out)  # the same samples seen, the same final loss
 
 
-def test_time_limit_signal_checkpoints_requeues_and_resumes_exactly(runs):
-    run = runs["time_limit"].driven()
-    job = run.jobs[0]
-    assert_ended(job, "COMPLETED", "0:0", 1)
-    log = job.text()
-    assert "USR1: asking the training tasks to save a checkpoint" in log and "DUE TO TIME LIMIT" not in log
-    stopped = job.stopped_at()
-    assert f"requeueing job {job.id} (restart 1)" in log
-    assert f"at step {stopped} ({stopped * G} samples)" in log.split("resumed from")[1]
-    assert_ended(runs["long_reference"].jobs[0], "COMPLETED", "0:0", 0)
-    assert final(run.out)[0] == sum(LONG) * G
-    assert final(run.out) == final(runs["long_reference"].out)
-
-
-def test_a_chain_of_three_jobs_completes_what_each_job_alone_cannot(runs):
-    run = runs["chain"].driven()
+def test_a_chain_of_three_jobs_completes_what_each_job_alone_cannot(one_node, demo_shards, tmp_path):
+    run = start(tmp_path, "chain", ONE_NODE + ["--chain", "3", "--max-restarts", "0"], demo_shards, SHORT)
     resumed_at = 0
     for job in run.jobs[:2]:  # each stopped mid-run, as its time limit would, and not requeued
+        job.wait(lambda j=job, s=resumed_at: j.steps_logged() >= s + 3, "training steps")
+        job.preempt()
         assert_ended(job, "FAILED", "75:0", 0)
         log = job.text()
         assert "not requeueing: restarted 0 times (FLIP_MAX_RESTARTS=0)" in log
@@ -282,12 +252,26 @@ def test_a_chain_of_three_jobs_completes_what_each_job_alone_cannot(runs):
         resumed_at = job.stopped_at()
     assert_ended(run.jobs[2], "COMPLETED", "0:0", 0)
     assert f"at step {resumed_at} ({resumed_at * G} samples)" in run.jobs[2].text()
-    assert_ended(runs["one_node"].jobs[0], "COMPLETED", "0:0", 0)
-    assert final(run.out) == final(runs["one_node"].out)
+    assert final(run.out) == final(one_node.out)
 
 
-def test_a_failed_run_is_not_requeued_and_cancels_its_chain(runs):
-    first, second = runs["failing"].jobs
+def test_time_limit_signal_checkpoints_requeues_and_resumes_exactly(background):
+    run = background["time_limit"].driven()
+    job = run.jobs[0]
+    assert_ended(job, "COMPLETED", "0:0", 1)
+    log = job.text()
+    assert "USR1: asking the training tasks to save a checkpoint" in log and "DUE TO TIME LIMIT" not in log
+    stopped = job.stopped_at()
+    assert f"requeueing job {job.id} (restart 1)" in log
+    assert f"at step {stopped} ({stopped * G} samples)" in log.split("resumed from")[1]
+    reference = background["long_reference"]
+    assert_ended(reference.jobs[0], "COMPLETED", "0:0", 0)
+    assert final(run.out)[0] == sum(LONG) * G
+    assert final(run.out) == final(reference.out)
+
+
+def test_a_failed_run_is_not_requeued_and_cancels_its_chain(background):
+    first, second = background["failing"].jobs
     info = first.finished()
     assert (info["JobState"], info["Restarts"]) == ("FAILED", "0") and info["ExitCode"] != "75:0", info
     log = first.text()
@@ -296,10 +280,10 @@ def test_a_failed_run_is_not_requeued_and_cancels_its_chain(runs):
     assert second.finished()["JobState"] == "CANCELLED"
 
 
-def test_plain_sbatch_of_a_recipe_that_cannot_run_stops_before_srun(demo_shards, ds_json, tmp_path):
+def test_plain_sbatch_of_a_recipe_that_cannot_run_stops_before_srun(demo_shards, tmp_path):
     out = tmp_path / "bad"
     (out / "slurm").mkdir(parents=True)
-    args = recipe(demo_shards, out, ds_json, SHORT, 2)
+    args = recipe(demo_shards, out, SHORT, 2)
     done = subprocess.run(["sbatch", "--parsable", "--job-name=bad", "--ntasks-per-node=2",
                            f"--output={out / 'slurm' / '%x-%j.out'}", f"--export=ALL,FLIP_PYTHON={sys.executable}",
                            "slurm/train.sbatch", "configs/tiny_cpu.yaml", *args, "train.global_batch=24"],
@@ -312,9 +296,9 @@ def test_plain_sbatch_of_a_recipe_that_cannot_run_stops_before_srun(demo_shards,
     assert "does not run on 2 ranks" in log and "[flip-ds] training" not in log
 
 
-def test_a_recipe_that_cannot_run_fails_at_submission_and_queues_nothing(demo_shards, ds_json, tmp_path):
+def test_a_recipe_that_cannot_run_fails_at_submission_and_queues_nothing(demo_shards, tmp_path):
     out = tmp_path / "refused"
-    args = recipe(demo_shards, out, ds_json, SHORT, 2)
+    args = recipe(demo_shards, out, SHORT, 2)
     for layout, extra, error in (
             (["--tasks-per-node", "2"], ["train.bogus=1"], "unknown key 'train.bogus'; TrainConfig has: "),
             (["--tasks-per-node", "3"], [], "train.global_batch: 16 is not a multiple of micro_batch 8 x world size 3"),

@@ -38,6 +38,7 @@ class BenchSpec:
     rounds: int = 3  # blocks per case, interleaved with the other cases
     warmup: int = 1  # unrecorded steps per case before the first round
     peer: bool = False  # OpenCLIP's trainer on the same architecture and batch
+    peer_precisions: list[str] | None = None  # OpenCLIP's; None: the same as `precisions`
     max_batch: bool = False  # largest batch per mask under a memory budget
     memory_budget_gb: float | None = None  # per rank; None: what mask 0 needs at `batch`
     vocab_size: int = 49408  # OpenCLIP's; only the embedding table's size, no FLOPs
@@ -48,7 +49,8 @@ class BenchSpec:
         check(self.model in REGISTRY, f"--model: '{self.model}' is not a model; choose one of {', '.join(REGISTRY)}")
         check(self.batch > 0, f"--batch: {self.batch} must be > 0")
         check(bool(self.masks) and all(0.0 <= m < 1.0 for m in self.masks), f"--masks: {self.masks} must be in [0, 1)")
-        check(all(p in ("bf16", "fp32") for p in self.precisions), f"--precision: {self.precisions}: bf16 or fp32")
+        for name, values in (("--precision", self.precisions), ("--peer-precision", self.peer_precisions or ["bf16"])):
+            check(bool(values) and all(p in ("bf16", "fp32") for p in values), f"{name}: {values}: bf16 or fp32")
         check(all(s in (1, 2, 3) for s in self.stages), f"--zero: {self.stages}: ZeRO stages are 1, 2 or 3")
         check(self.steps >= 1 and self.rounds >= 1 and self.warmup >= 0, "--steps and --rounds must be >= 1")
         check(self.vocab_size > 4, f"--vocab-size: {self.vocab_size} must be > 4")
@@ -119,7 +121,7 @@ def _node_threads() -> int:
 def _measure(spec: BenchSpec, world: int, local_world: int, device: str) -> BenchResult:
     load_before = _load_average()
     cfg = spec.model_config
-    peaks = {p: MatmulPeak(p, device) for p in spec.precisions}
+    peaks = {p: MatmulPeak(p, device) for p in dict.fromkeys(spec.precisions + (spec.peer_precisions or []))}
     engines = []
     for stage in spec.stages:
         for precision in spec.precisions:
@@ -135,7 +137,8 @@ def _measure(spec: BenchSpec, world: int, local_world: int, device: str) -> Benc
         _log(f"building OpenCLIP's {spec.model} twin on rank 0 with {_node_threads()} threads")
         trainer = OpenClipTrainer(cfg, spec.vocab_size, (engines[0].images, engines[0].tokens), device,
                                   threads=_node_threads() if device == "cpu" else torch.get_num_threads())
-        peer_cases = [OpenClipStepCase(trainer, p, m) for p in spec.precisions for m in spec.masks]
+        peer_cases = [OpenClipStepCase(trainer, p, m) for p in spec.peer_precisions or spec.precisions
+                      for m in spec.masks]
     cases = [*peaks.values(), *flip_cases, *peer_cases]
     _log(f"{len(cases)} cases x {spec.rounds} rounds x {spec.steps} steps, interleaved")
     samples = interleave(cases, spec.rounds, spec.steps, spec.warmup, progress=_log)

@@ -26,6 +26,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per setup before the first round")
     p.add_argument("--peer", action="store_true",
                    help="also train OpenCLIP's twin of the model with its own trainer (needs open-clip-torch)")
+    p.add_argument("--peer-precision", nargs="+", choices=["bf16", "fp32"], default=None,
+                   help="OpenCLIP's precisions: bf16 is its autocast (amp_bf16) (default: --precision)")
     p.add_argument("--max-batch", action="store_true",
                    help="find the largest per-rank batch at each mask under a memory budget")
     p.add_argument("--memory-budget-gb", type=float, default=None,
@@ -46,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
 
     spec = BenchSpec(model=args.model, batch=args.batch, masks=args.masks, precisions=args.precision,
                      stages=args.zero, steps=args.steps, rounds=args.rounds, warmup=args.warmup, peer=args.peer,
+                     peer_precisions=args.peer_precision,
                      max_batch=args.max_batch, memory_budget_gb=args.memory_budget_gb,
                      vocab_size=args.vocab_size, context_length=args.context_length,
                      activation_checkpointing=args.activation_checkpointing)

@@ -31,7 +31,8 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(r, indent=2))
         return 0
-    print(f"one reader, in-process:  {r['single_worker_samples_per_s']:8.1f} samples/s")
+    print(f"one reader, in-process:  {r['single_worker_samples_per_s']:8.1f} samples/s "
+          f"({r['single_worker_samples_per_cpu_s']:.1f} per CPU-second)")
     print(f"loader, {r['workers']} worker(s):     {r['samples_per_s']:8.1f} samples/s total over {r['seconds']} s")
     for worker, rate in r["per_worker_samples_per_s"].items():
         print(f"  worker {worker}:              {rate:8.1f} samples/s")

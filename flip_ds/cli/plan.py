@@ -17,7 +17,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "batch, FLOPs per sample, and wall-clock and GPU-hours at a stated MFU. See docs/planner.md.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("recipe", help="YAML recipe (see configs/)")
-    p.add_argument("overrides", nargs="*", help="dotted overrides KEY=VALUE, e.g. train.micro_batch=64")
+    p.add_argument("overrides", nargs="*",
+                   help="dotted overrides KEY=VALUE, right after the recipe, e.g. train.micro_batch=64")
     p.add_argument("--gpus", type=int, required=True, help="number of GPUs (ranks)")
     p.add_argument("--gpu-mem", type=float, required=True, help="memory per GPU in GiB, e.g. 80")
     p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (host memory of offloaded states)")
