@@ -45,7 +45,7 @@ class TrainState:
     step: int = 0  # the next optimizer step to run
     phase: int = -1  # the phase the last step ran in (-1: none yet)
     nonfinite_skipped: int = 0
-    data: dict[str, Any] | None = None
+    data: dict[str, Any] | None = None  # this rank's data-stream position
     eval: dict[str, Any] = field(default_factory=dict)
 
 
@@ -98,7 +98,8 @@ class Trainer:
         resume = checkpoint.find_resume(recipe, self.ckpt_root)
         if resume:
             _, client = self.engine.load_checkpoint(str(resume[0]), tag=resume[1], load_lr_scheduler_states=False)
-            self.state = TrainState(**client["flip_ds"])
+            saved = client["flip_ds"]
+            self.state = TrainState(**{**saved, "data": saved["data"][self.rank]})
             self.log(f"resumed from {resume[0] / resume[1]} at step {self.state.step} "
                      f"({self.state.step * recipe.train.global_batch} samples)")
         self.stream = TrainStream(recipe.data, tokenizer_file=recipe.data.tokenizer,
@@ -271,7 +272,11 @@ class Trainer:
         g = self.recipe.train.global_batch
         meta = {"samples_seen": step * g, "step": step, "phase": self.plan.span_at(max(step - 1, 0)).phase.name,
                 "world_size": self.denv.world_size, "model": self.recipe.model.name, "time": time.time()}
-        client = {"flip_ds": self.state.__dict__}
+        # Every rank's data position travels in the client state, indexed by rank: under ZeRO-1/2
+        # DeepSpeed writes the client state from rank 0 only, and every rank reads that one copy.
+        data = [None] * self.denv.world_size
+        dist.all_gather_object(data, self.state.data)
+        client = {"flip_ds": {**self.state.__dict__, "data": data}}
         path = checkpoint.save(self.engine, self.ckpt_root, step, client, self.recipe, self.recipe.data.tokenizer,
                                meta, self.rank)
         milestones = {checkpoint.tag_for(-(-m // g)) for m in self.recipe.checkpoint.milestones}

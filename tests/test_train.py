@@ -83,18 +83,27 @@ def test_reference_run_writes_every_scalar_and_the_phase_switch(reference_run):
     assert meta["samples_seen"] == 12 * G and meta["phase"] == "unmasked_tuning"
 
 
-def test_zero_stages_agree_in_fp32(demo_shards, reference_run, tmp_path):
-    """ZeRO-1 and ZeRO-2 give the ZeRO-3 reference's losses for the first steps."""
+def test_zero_stages_agree_in_fp32_and_resume_exactly(demo_shards, reference_run, tmp_path):
+    """ZeRO-1 and ZeRO-2 give the ZeRO-3 reference's losses for the first steps, and resume exactly
+    (under ZeRO-1/2 DeepSpeed keeps one client state for all ranks: each rank must find its own
+    data position in it)."""
     ref = losses(reference_run)
     for stage in (1, 2):
         ds = write_json(tmp_path / f"z{stage}.json", {"zero_optimization": {"stage": stage}})
         out = tmp_path / f"z{stage}"
-        done = torchrun(train_args(demo_shards, out, "train.precision=fp32", "phases.0.samples=64",
-                                   "phases.1.samples=16", ds=ds))
+        args = train_args(demo_shards, out, "train.precision=fp32", "phases.0.samples=64", "phases.1.samples=16",
+                          f"checkpoint.milestones=[{2 * G}]", ds=ds)
+        done = torchrun(args)
         assert done.returncode == 0, done.stdout + done.stderr
         for samples, loss in losses(out).items():
             if samples <= 4 * G:
                 assert loss == pytest.approx(ref[samples], abs=1e-5), (stage, samples)
+        if stage == 2:
+            resumed = tmp_path / "z2_resumed"
+            done = torchrun([*args, f"output_dir={resumed}", f"resume={out / 'checkpoints' / 'step_00000002'}"])
+            assert done.returncode == 0, done.stdout + done.stderr
+            for samples in (3 * G, 4 * G):
+                assert losses(resumed)[samples] == pytest.approx(losses(out)[samples], abs=1e-6)
 
 
 def test_kill_9_one_rank_then_resume_auto_matches_uninterrupted(demo_shards, zero3_json, reference_run, tmp_path):
