@@ -5,8 +5,8 @@ CI starts the cluster (slurm/local_cluster.sh up; two slurmd "nodes" on one host
 SLURM_CONF; without SLURM_CONF these tests skip. The 1-rank runs are submitted first and train in
 the background; the 2-rank runs go one at a time (two gloo jobs on two cores slow each other's
 collectives to a crawl). What the scheduler or an operator does to a run while it trains (signal
-it, start a requeued job, stop a job of a chain) is done by the test, or by a driver thread for
-the background run that needs it.
+it, give a requeued job more time, stop a job of a chain) is done by the test, or by a driver
+thread for the background run that needs it.
 """
 
 from __future__ import annotations
@@ -98,11 +98,11 @@ class Job:
     def preempt(self) -> None:
         subprocess.run(["scancel", "--batch", "--signal=USR1", self.id], check=True)
 
-    def start_when_requeued(self, *updates: str) -> None:
-        """Wait until the job is queued again after a requeue, then start it now (with `updates`
-        such as TimeLimit=60): Slurm holds a requeued job for about two minutes (BeginTime)."""
+    def update_when_requeued(self, *updates: str) -> None:
+        """Once the job is queued again after a requeue, apply `updates` (e.g. TimeLimit=60) before it
+        restarts: the test cluster holds a requeued job for 11 s (cred_expire=10), real ones ~2 min."""
         self.wait(lambda: (int(self.info()["Restarts"]) >= 1 and self.info()["JobState"] == "PENDING"), "requeue")
-        subprocess.run(["scontrol", "update", f"JobId={self.id}", "StartTime=now", *updates], check=True)
+        subprocess.run(["scontrol", "update", f"JobId={self.id}", *updates], check=True)
 
 
 @dataclass
@@ -140,10 +140,10 @@ def submit(out: Path, *args: str) -> list[Job]:
     return [Job(i, out) for i in ids]
 
 
-def start_with_more_time(run: Run) -> None:
+def give_the_rerun_time(run: Run) -> None:
     """The warning of this run's 5-minute limit is due at once; once the job has checkpointed and
-    requeued itself, start the rerun with the time to finish."""
-    run.jobs[0].start_when_requeued("TimeLimit=60")
+    requeued itself, its rerun gets the time to finish."""
+    run.jobs[0].update_when_requeued("TimeLimit=60")
 
 
 def final(out: Path) -> tuple[float, float]:
@@ -174,7 +174,7 @@ def background(demo_shards, tmp_path_factory) -> dict[str, Run]:
             # a tokenizer file that exists but is not a SentencePiece model: only the training tasks find out
             "failing": start(tmp_path_factory.mktemp("failing"), "failing", ONE_RANK + ["--chain", "2"],
                              demo_shards, SHORT, f"data.tokenizer={REPO / 'configs' / 'tiny_cpu.yaml'}")}
-    runs["time_limit"].drive(start_with_more_time)
+    runs["time_limit"].drive(give_the_rerun_time)
     return runs
 
 
@@ -225,8 +225,7 @@ def test_usr1_to_the_batch_script_checkpoints_requeues_and_resumes_exactly(one_n
     job = run.jobs[0]
     job.wait(lambda: job.steps_logged() >= 3, "training steps")
     job.preempt()  # what Slurm's --signal=B:USR1 does before a time limit
-    job.start_when_requeued()
-    assert_ended(job, "COMPLETED", "0:0", 1)
+    assert_ended(job, "COMPLETED", "0:0", 1)  # requeued by the job, restarted by Slurm
     log = job.text()
     assert "USR1: asking the training tasks to save a checkpoint" in log
     stopped = job.stopped_at()
