@@ -40,9 +40,10 @@ def test_demo_pipeline_produces_every_artefact(tmp_path):
     for tag_name in ("train/loss", "perf/samples_per_s", "perf/tflops_per_device", "data/samples_read",
                      "eval/demo_zeroshot/top1", "eval/demo_retrieval/i2t_r1"):
         assert scalars(tb, tag_name), tag_name
-    # eval results of the exported model: zero-shot above chance on 16 held-out classes
+    # eval results of the exported model: zero-shot above chance on 16 held-out classes (400 images:
+    # chance is 6.25% +- 1.2%, so 10% is three standard deviations above it)
     zero_shot = json.loads((out / "eval_zero_shot.json").read_text())
-    assert zero_shot["metrics"]["top1"] > 1 / 16 + 0.05, zero_shot["metrics"]
+    assert zero_shot["metrics"]["top1"] > 0.10, zero_shot["metrics"]
     retrieval = json.loads((out / "eval_retrieval.json").read_text())
     assert 0.0 <= retrieval["metrics"]["i2t_r1"] <= 1.0
     # the exported file loads without DeepSpeed
