@@ -187,13 +187,13 @@ def _shards_with_one_bad_stream(demo, root: Path) -> tuple[str, list[str]]:
     worker); every JPEG of the shard of rank 1's first worker is garbage. Returns (spec, bad shards)."""
     from webdataset import TarWriter
 
-    from flip_ds.data.config import DataConfig, DataSource
     from flip_ds.data.shards import ShardPlan, list_shards
 
     root.mkdir()
     sources = list_shards(demo.train)
     spec = str(root / "{00000..00003}.tar")
-    plan = ShardPlan.from_config(DataConfig(train=[DataSource(spec)], resample=False), seed=0)
+    # the training's own plan of these (not yet written) shards: seed 0 as in the recipe, no resampling
+    plan = ShardPlan([[str(root / f"{i:05d}.tar") for i in range(4)]], [1.0], resample=False, seed=0)
     bad = plan.stream(1, 2, 0, 2).mine
     for i, src in enumerate(sources[:4]):
         path = str(root / f"{i:05d}.tar")
