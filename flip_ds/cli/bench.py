@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from flip_ds.cli import HelpFormatter
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -15,7 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "batches, on as many ranks as the launcher started (plain, `torchrun --nproc_per_node N`, "
                     "`deepspeed --num_gpus N`). Every (ZeRO stage, precision, mask) setup, the matmul peak and "
                     "OpenCLIP's trainer (--peer) run interleaved, A B C A B C ..., and are reported as medians.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     p.add_argument("--model", default="B/16", help="registry size: tiny, B/16, L/16, L/14, H/14")
     p.add_argument("--batch", type=int, default=8, help="samples per rank per step")
     p.add_argument("--masks", type=float, nargs="+", default=[0.0, 0.5, 0.75], help="image mask ratios")
@@ -27,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--peer", action="store_true",
                    help="also train OpenCLIP's twin of the model with its own trainer (needs open-clip-torch)")
     p.add_argument("--peer-precision", nargs="+", choices=["bf16", "fp32"], default=None,
-                   help="OpenCLIP's precisions: bf16 is its autocast (amp_bf16) (default: --precision)")
+                   help="OpenCLIP's precisions, bf16 being its autocast (amp_bf16); None: the same as --precision")
     p.add_argument("--max-batch", action="store_true",
                    help="find the largest per-rank batch at each mask under a memory budget")
     p.add_argument("--memory-budget-gb", type=float, default=None,

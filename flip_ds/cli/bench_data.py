@@ -5,13 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 
+from flip_ds.cli import HelpFormatter
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "bench-data", help="samples/s of the training data pipeline (decode, augment, tokenise), per worker and total",
         description="Measure the data pipeline without a model: first one reader decoding in this process (the "
                     "throughput of one worker on one core), then the full loader with --workers processes.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     p.add_argument("--shards", required=True, help="shard spec, e.g. /data/{00000..00099}.tar")
     p.add_argument("--tokenizer", required=True, help="SentencePiece .model file")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from flip_ds.cli import HelpFormatter
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -11,7 +13,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="The end-to-end demo: makes the built-in dataset and tokenizer if absent, trains the tiny "
                     "recipe with the deepspeed launcher on 2 CPU processes (or every GPU), exports the model, "
                     "evaluates zero-shot classification and retrieval on held-out data, and prints a summary.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     p.add_argument("--config", default="configs/tiny_cpu.yaml", help="recipe to train")
     p.add_argument("--data", default="data/demo", help="where the built-in dataset lives (made if absent)")
     p.add_argument("--out", default="runs/demo", help="run directory (replaced on every demo run)")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from flip_ds.cli import HelpFormatter
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -11,7 +13,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Render captioned scenes of coloured shapes into training shards, a 16-class zero-shot "
                     "folder with class names and templates, a retrieval set, and a SentencePiece tokenizer "
                     "(see docs/data.md). Deterministic from --seed; a complete directory is left as it is.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--train-samples", type=int, default=6000, help="training samples")
     p.add_argument("--eval-per-class", type=int, default=25, help="zero-shot images per class (16 classes)")

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from flip_ds.cli import HelpFormatter
+
 if TYPE_CHECKING:
     import torch
 
@@ -33,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     tasks = p.add_subparsers(dest="task", metavar="TASK", required=True)
 
     zs = tasks.add_parser("zero-shot", help="zero-shot top-1/top-5 on an ImageNet-style folder",
-                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                          formatter_class=HelpFormatter)
     _common(zs)
     zs.add_argument("--data", required=True, help="image folder with one sub-folder per class (e.g. ImageNet val)")
     zs.add_argument("--classnames", default="",
@@ -43,7 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     zs.set_defaults(func=run_zero_shot)
 
     rt = tasks.add_parser("retrieval", help="image-text retrieval recall@1/5/10 (Flickr30k / COCO style)",
-                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                          formatter_class=HelpFormatter)
     _common(rt)
     rt.add_argument("--data", required=True,
                     help="CSV/TSV (image,caption), JSON or JSONL ({image, captions}) annotations, or shards")
@@ -52,7 +54,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     rt.set_defaults(func=run_retrieval)
 
     lp = tasks.add_parser("linear-probe", help="logistic regression on frozen image features (CLIP protocol)",
-                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                          formatter_class=HelpFormatter)
     _common(lp)
     lp.add_argument("--train", required=True, help="image folder of the training split")
     lp.add_argument("--test", required=True, help="image folder of the test split (same class folders)")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from flip_ds.cli import HelpFormatter
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -13,10 +15,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "with DeepSpeed's zero_to_fp32, or re-export an exported file. --out writes the whole model "
                     "with its recipe and tokenizer embedded (load it with flip_ds.load(path), no DeepSpeed "
                     "needed); --timm-out writes the vision tower as a timm VisionTransformer state dict and "
-                    "prints the timm.create_model call that loads it.")
+                    "prints the timm.create_model call that loads it.",
+        formatter_class=HelpFormatter)
     p.add_argument("checkpoint", help="checkpoint directory or exported .safetensors file")
-    p.add_argument("--out", type=Path, default=None, help="whole-model .safetensors file to write")
-    p.add_argument("--timm-out", type=Path, default=None, help="vision-tower .safetensors file for timm")
+    p.add_argument("--out", type=Path, default=None, help="whole-model .safetensors file to write (default: none)")
+    p.add_argument("--timm-out", type=Path, default=None,
+                   help="vision-tower .safetensors file for timm (default: none)")
     p.set_defaults(func=run)
 
 

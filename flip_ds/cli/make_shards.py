@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from flip_ds.cli import HelpFormatter
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -13,7 +15,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "captions file (CSV/TSV, JSONL or parquet with a path and a caption column), or from a "
                     "class-per-folder tree with caption templates. Unreadable images, missing files and empty "
                     "captions are skipped and counted. The same input gives the same bytes.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     p.add_argument("--out", required=True, help="output directory (must hold no .tar yet)")
     src = p.add_argument_group("source: a captions file ...")
     src.add_argument("--captions", help="CSV/TSV, JSONL or parquet file of (path, caption) rows")

@@ -5,15 +5,18 @@ from __future__ import annotations
 import argparse
 import json
 
+from flip_ds.cli import HelpFormatter
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("model-info", help="parameter counts and FLOPs per sample of the model sizes",
                        description="Print parameters (image / text / total) and forward GFLOPs per image-text pair "
-                                   "at each mask ratio for every registry size (or one, with --model).")
-    p.add_argument("--model", default=None, help="one registry name (tiny, B/16, L/16, L/14, H/14); default: all")
-    p.add_argument("--vocab-size", type=int, default=32000, help="text vocabulary size (default: 32000)")
-    p.add_argument("--context-length", type=int, default=32, help="text tokens (default: 32, FLIP's)")
-    p.add_argument("--masks", type=float, nargs="+", default=[0.0, 0.5, 0.75], help="mask ratios (default: 0 0.5 0.75)")
+                                   "at each mask ratio for every registry size (or one, with --model).",
+                       formatter_class=HelpFormatter)
+    p.add_argument("--model", default=None, help="one registry name (tiny, B/16, L/16, L/14, H/14) (default: all)")
+    p.add_argument("--vocab-size", type=int, default=32000, help="text vocabulary size")
+    p.add_argument("--context-length", type=int, default=32, help="text tokens (FLIP's 32)")
+    p.add_argument("--masks", type=float, nargs="+", default=[0.0, 0.5, 0.75], help="mask ratios")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=run)
 

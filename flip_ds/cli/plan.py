@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from flip_ds.cli import HelpFormatter
 from flip_ds.plan import H100_BF16_TFLOPS
 
 
@@ -15,7 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "with and without checkpointing at the recipe's micro batch and masked token count, contrastive "
                     "logits), whether it fits, the largest micro batch that does, the accumulation for the global "
                     "batch, FLOPs per sample, and wall-clock and GPU-hours at a stated MFU. See docs/planner.md.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     p.add_argument("recipe", help="YAML recipe (see configs/)")
     p.add_argument("overrides", nargs="*",
                    help="dotted overrides KEY=VALUE, right after the recipe, e.g. train.micro_batch=64")

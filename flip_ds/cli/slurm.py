@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from flip_ds.cli import HelpFormatter
 from flip_ds.config_loader import ConfigError
 
 TEMPLATE = Path(__file__).resolve().parents[2] / "slurm" / "train.sbatch"
@@ -24,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "the --signal before its time limit; --chain K also queues K-1 follow-up jobs "
                     "(--dependency=afterany) for clusters that refuse requeues. Logs go to OUTPUT_DIR/slurm/. "
                     "See docs/slurm.md.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     p.add_argument("--config", required=True, help="YAML recipe (see configs/)")
     p.add_argument("overrides", nargs="*", help="dotted overrides KEY=VALUE, passed to every job")
     p.add_argument("--nodes", type=int, default=1, help="nodes")

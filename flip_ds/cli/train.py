@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from flip_ds.cli import HelpFormatter
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -12,7 +14,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "`torchrun --nproc_per_node N`, `srun` (one task per GPU), or plainly for one process. "
                     "Overrides are dotted recipe keys, e.g. train.global_batch=65536 phases.0.mask_ratio=0.75 "
                     "resume=auto.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     p.add_argument("--config", required=True, help="YAML recipe (see configs/)")
     p.add_argument("overrides", nargs="*", help="dotted overrides KEY=VALUE, applied after the recipe")
     p.add_argument("--dry-run", action="store_true",

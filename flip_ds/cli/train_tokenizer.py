@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from collections.abc import Iterator
 
+from flip_ds.cli import HelpFormatter
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -12,7 +14,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Train a unigram SentencePiece model with the ids flip-ds expects (pad 0, unk 1, bos 2, eos 3) "
                     "on captions read from text files (one caption a line) or from the .txt members of "
                     "webdataset shards. Writes PREFIX.model.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     p.add_argument("--out", required=True, help="model prefix: writes OUT.model")
     p.add_argument("--shards", default=None, help="shard spec to read captions from, e.g. /data/{00000..00099}.tar")
     p.add_argument("--captions", nargs="*", default=[], help="text files of captions, one a line")
