@@ -18,6 +18,7 @@ from pathlib import Path
 
 from flip_ds.config import load_recipe
 from flip_ds.data.synthetic import make_demo_dataset
+from flip_ds.engine_config import load_engine_json
 
 
 def _run(stage: str, cmd: list[str]) -> None:
@@ -82,8 +83,10 @@ def run_demo(recipe_path: str, data_dir: str, out_dir: str, train_samples: int) 
     classes = len([p for p in Path(demo.zero_shot).iterdir() if p.is_dir()])
     masked, unmasked = speed.get(f"{recipe.phases[0].mask_ratio:g}"), speed.get("0")
     print("\n=== flip-ds demo: what it achieved")
-    print(f"  trained        tiny FLIP, {recipe.total_samples} samples on {nproc} x {device} (ZeRO-3, "
-          f"{recipe.train.precision}, activation checkpointing) in {train_seconds:.0f} s")
+    stage = load_engine_json(recipe.train.deepspeed).get("zero_optimization", {}).get("stage", 0)
+    checkpointing = ", activation checkpointing" if recipe.model.activation_checkpointing else ""
+    print(f"  trained        {recipe.model.name} FLIP, {recipe.total_samples} samples on {nproc} x {device} "
+          f"(ZeRO-{stage}, {recipe.train.precision}{checkpointing}) in {train_seconds:.0f} s")
     for mask, value in speed.items():
         print(f"  throughput     {value:.1f} samples/s at mask {mask} (median over the phase)")
     if masked and unmasked:

@@ -25,8 +25,8 @@ def test_demo_pipeline_produces_every_artefact(tmp_path):
                           cwd=REPO, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     summary = done.stdout[done.stdout.index("flip-ds demo: what it achieved"):]
-    for line in ("samples/s at mask 0.5", "masking", "zero-shot      top-1", "image->text R@1", "TensorBoard",
-                 "exported"):
+    for line in ("(ZeRO-3, bf16, activation checkpointing)", "samples/s at mask 0.5", "masking",
+                 "zero-shot      top-1", "image->text R@1", "TensorBoard", "exported"):
         assert line in summary, summary
     # the dataset and tokenizer
     assert len(list((data / "train").glob("*.tar"))) >= 1 and (data / "tokenizer.model").is_file()
