@@ -9,7 +9,7 @@ bash slurm/local_cluster.sh up
 trap 'bash slurm/local_cluster.sh down' EXIT
 eval "$(bash slurm/local_cluster.sh env)"  # SLURM_CONF: the sbatch tests run (they skip only without it)
 set +e
-.venv/bin/python -m pytest -q -ra "$@"
+.venv/bin/python -m pytest -q -ra --durations=15 "$@"  # the slowest tests listed, to keep the suite short
 status=$?
 set -e
 if [ "$status" -eq 5 ]; then
