@@ -206,27 +206,20 @@ def test_one_node_two_tasks_trains_under_zero3_and_completes(one_node):
     assert final(one_node.out)[0] == sum(SHORT) * G
 
 
-def test_two_nodes_one_task_each_trains_the_same_and_ends_its_chain(one_node, demo_shards, tmp_path):
+def test_two_nodes_preempted_by_usr1_requeue_resume_match_one_node_and_end_their_chain(one_node, demo_shards,
+                                                                                       tmp_path):
+    """2 nodes x 1 task, preempted after a few steps by USR1 to the batch script (what Slurm's
+    --signal=B:USR1 does before a time limit): the run checkpoints, requeues itself, resumes and
+    completes with the same samples seen and final loss as the uninterrupted 1-node run (same ranks,
+    data and seeds). The job chained after it waits through the requeue and is cancelled at the end."""
     run = start(tmp_path, "two_nodes", TWO_NODES + ["--chain", "2"], demo_shards, SHORT)
-    first, second = run.jobs
-    info = assert_ended(first, "COMPLETED", "0:0", 0)
-    assert (info["NumNodes"], info["NumTasks"]) == ("2", "2")
-    log = first.text()
-    assert "training tiny on 2 rank(s)" in log and "2 node(s) x 1 task(s)" in log
-    # the same ranks, data and seeds as on one node: the same training, step for step
-    assert final(run.out) == final(one_node.out)
-    # a finished run cancels the jobs chained after it instead of letting them start for nothing
-    assert f"cancelling the jobs chained after this one: {second.id}" in log
-    assert second.finished()["JobState"] == "CANCELLED"
-
-
-def test_usr1_to_the_batch_script_checkpoints_requeues_and_resumes_exactly(one_node, demo_shards, tmp_path):
-    run = start(tmp_path, "preempted", ONE_NODE, demo_shards, SHORT)
-    job = run.jobs[0]
+    job, chained = run.jobs
     job.wait(lambda: job.steps_logged() >= 3, "training steps")
-    job.preempt()  # what Slurm's --signal=B:USR1 does before a time limit
-    assert_ended(job, "COMPLETED", "0:0", 1)  # requeued by the job, restarted by Slurm
+    job.preempt()
+    info = assert_ended(job, "COMPLETED", "0:0", 1)  # requeued by the job, restarted by Slurm
+    assert (info["NumNodes"], info["NumTasks"]) == ("2", "2")
     log = job.text()
+    assert "training tiny on 2 rank(s)" in log and "2 node(s) x 1 task(s)" in log
     assert "USR1: asking the training tasks to save a checkpoint" in log
     stopped = job.stopped_at()
     assert 3 <= stopped < sum(SHORT)
@@ -234,6 +227,9 @@ def test_usr1_to_the_batch_script_checkpoints_requeues_and_resumes_exactly(one_n
     assert f"at step {stopped} ({stopped * G} samples)" in log.split("resumed from")[1]
     assert final(run.out)[0] == sum(SHORT) * G
     assert final(run.out) == final(one_node.out)  # the same samples seen, the same final loss
+    # a finished run cancels the jobs chained after it instead of letting them start for nothing
+    assert f"cancelling the jobs chained after this one: {chained.id}" in log
+    assert chained.finished()["JobState"] == "CANCELLED"
 
 
 def test_a_chain_of_three_jobs_completes_what_each_job_alone_cannot(one_node, demo_shards, tmp_path):
