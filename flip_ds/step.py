@@ -50,9 +50,11 @@ def contrastive_step(engine, micro_batches: list[tuple[torch.Tensor, torch.Tenso
     sum over micro batches is the full gradient. The temperature enters every re-forward, so its
     gradient is scaled by 1/k to be counted once.
 
-    Attention runs on the kernels `training_attention` picks for the inputs, backward included.
+    Attention runs on the kernels `training_attention` picks for the inputs and image length,
+    backward included.
     """
-    with training_attention(micro_batches[0][0]):
+    image_tokens = int(engine.module.visual.patch_embed.num_patches * (1.0 - image_mask)) + 1  # kept + CLS
+    with training_attention(micro_batches[0][0], image_tokens):
         return _contrastive_step(engine, micro_batches, image_mask=image_mask, text_mask=text_mask, seed=seed,
                                  rank=rank, step=step, device=device, stop_requested=stop_requested,
                                  abort_requested=abort_requested, watch=watch)

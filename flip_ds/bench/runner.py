@@ -185,7 +185,9 @@ def _largest_batches(spec: BenchSpec, engine: FlipEngine) -> list[dict[str, Any]
     entries = []
     for mask in sorted(spec.masks):
         _log(f"largest batch under {budget / GiB:.2f} GB per rank at mask {mask:g}")
-        batch = largest_batch(lambda b, m=mask: activations(b, m), budget - held, spec.batch)
+        # the first two probes at a quarter and half of --batch stay under the budget: probing
+        # above it first could exhaust a CPU host's memory, where nothing stops an oversized step
+        batch = largest_batch(lambda b, m=mask: activations(b, m), budget - held, max(1, spec.batch // 4))
         entries.append({"mask": mask, "batch": batch, "activation_gb": activations(batch, mask) / GiB,
                         "held_gb": held / GiB, "budget_gb": budget / GiB, "setup": engine.label,
                         "measure": "step peak (max_memory_allocated)" if engine.device == "cuda"

@@ -7,18 +7,25 @@ import contextlib
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+# On a CPU in bf16, up to this many image tokens the math kernel trains faster than flash.
+MATH_KERNEL_MAX_TOKENS = 128
 
-def training_attention(inputs: torch.Tensor) -> contextlib.AbstractContextManager:
-    """The SDPA kernels for a training step whose inputs are like `inputs`.
 
-    On a CPU in bf16, torch's flash-attention kernel has a fast forward but a backward several times
-    slower than the math path (matmul, softmax, matmul) at ViT lengths. Forward + backward of one
-    B/16 layer, batch 8, one thread (torch 2.14): 99 tokens (mask 0.5) 80 ms flash vs 37 ms math,
-    50 tokens (mask 0.75) 46 vs 19 ms, 197 tokens 141 vs 133 ms; a 32-token text layer with its
-    padding mask 15 vs 5 ms. So bf16 training on a CPU takes the math path; evaluation (forward
-    only), fp32 and GPUs keep torch's choice. Enter it around the backward too: activation
-    checkpointing re-runs the forward there, and the kernel the forward picked decides the backward.
+def training_attention(inputs: torch.Tensor, image_tokens: int) -> contextlib.AbstractContextManager:
+    """The SDPA kernels for a training step whose images are like `inputs` and whose image tower
+    sees `image_tokens` tokens (kept patches + CLS).
+
+    On a CPU in bf16, torch's flash-attention kernel has a fast forward but a slow backward, so the
+    math path (matmul, softmax, matmul) wins on short sequences and flash on long ones, where the
+    quadratic part dominates. Forward + backward of one B/16 layer's attention, one thread, torch
+    2.14, ms, math vs flash: batch 32 at 50 tokens (mask 0.75) 47 vs 109, 99 tokens (mask 0.5) 125
+    vs 222, 197 tokens (mask 0) 528 vs 348; batch 8 at 197 tokens 110 vs 71. A step's kernel choice
+    follows its image length (the 32-token text tower, 3x faster on math, costs less than the
+    vision tower gains). Evaluation (forward only), fp32 and GPUs keep torch's choice. Enter it
+    around the backward too: activation checkpointing re-runs the forward there, and the kernel the
+    forward picked decides the backward.
     """
-    if inputs.device.type == "cpu" and inputs.dtype == torch.bfloat16:
+    if (inputs.device.type == "cpu" and inputs.dtype == torch.bfloat16
+            and image_tokens <= MATH_KERNEL_MAX_TOKENS):
         return sdpa_kernel([SDPBackend.MATH])
     return contextlib.nullcontext()
