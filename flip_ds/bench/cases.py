@@ -47,8 +47,9 @@ def interleave(cases: Sequence[Case], rounds: int, steps: int, warmup: int = 1,
     Every case first runs `warmup` unrecorded units (allocator, autotuning, lazy buffers), so the
     first round is no slower than the others.
     """
-    for case in cases:
-        case.run_block(warmup)
+    if warmup:
+        for case in cases:
+            case.run_block(warmup)
     samples: dict[str, list[float]] = {case.name: [] for case in cases}
     for r in range(rounds):
         for case in cases:

@@ -52,7 +52,8 @@ class BenchSpec:
         for name, values in (("--precision", self.precisions), ("--peer-precision", self.peer_precisions or ["bf16"])):
             check(bool(values) and all(p in ("bf16", "fp32") for p in values), f"{name}: {values}: bf16 or fp32")
         check(all(s in (1, 2, 3) for s in self.stages), f"--zero: {self.stages}: ZeRO stages are 1, 2 or 3")
-        check(self.steps >= 1 and self.rounds >= 1 and self.warmup >= 0, "--steps and --rounds must be >= 1")
+        check(self.steps >= 1 and self.rounds >= 1 and self.warmup >= 0,
+              "--steps and --rounds must be >= 1, --warmup >= 0")
         check(self.vocab_size > 4, f"--vocab-size: {self.vocab_size} must be > 4")
         check(self.memory_budget_gb is None or self.memory_budget_gb > 0, "--memory-budget-gb must be > 0")
         if self.max_batch:
@@ -185,8 +186,8 @@ def _largest_batches(spec: BenchSpec, engine: FlipEngine) -> list[dict[str, Any]
     entries = []
     for mask in sorted(spec.masks):
         _log(f"largest batch under {budget / GiB:.2f} GB per rank at mask {mask:g}")
-        # the first two probes at a quarter and half of --batch stay under the budget: probing
-        # above it first could exhaust a CPU host's memory, where nothing stops an oversized step
+        # the first two probes, a quarter and a half of --batch, stay under the budget: no
+        # measurement far above what fits (a CPU host has nothing that stops an oversized step)
         batch = largest_batch(lambda b, m=mask: activations(b, m), budget - held, max(1, spec.batch // 4))
         entries.append({"mask": mask, "batch": batch, "activation_gb": activations(batch, mask) / GiB,
                         "held_gb": held / GiB, "budget_gb": budget / GiB, "setup": engine.label,
