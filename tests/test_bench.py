@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from flip_ds.bench.cases import interleave
 from flip_ds.bench.synthetic import synthetic_batch
 from flip_ds.bench.table import Row, fill_mask_ratios, fill_throughput, largest_batch, peer_summary, train_flops_ratio
 from flip_ds.cli import main
@@ -167,3 +168,21 @@ def test_two_rank_smoke_run_reports_every_setup_consistently(tmp_path):
     unmasked, masked = result["max_batch"]
     assert unmasked["batch"] == 4  # the budget is what mask 0 needs at the run's batch
     assert masked["batch"] > unmasked["batch"] and masked["activation_gb"] <= masked["budget_gb"]
+
+
+class _CountingCase:
+    name = "counting"
+
+    def __init__(self) -> None:
+        self.blocks: list[int] = []
+
+    def run_block(self, steps: int) -> float:
+        self.blocks.append(steps)
+        return float(steps)
+
+
+@pytest.mark.parametrize("warmup", [0, 2])
+def test_interleave_runs_the_warmup_then_one_block_a_round(warmup):
+    case = _CountingCase()
+    assert interleave([case], rounds=3, steps=4, warmup=warmup) == {"counting": [4.0, 4.0, 4.0]}
+    assert case.blocks == [warmup] * bool(warmup) + [4, 4, 4]
