@@ -211,8 +211,7 @@ class Activations:
 
 def tower_shapes(cfg: ModelConfig, mask_ratio: float) -> tuple[TowerShape, TowerShape]:
     s = cfg.sizes
-    kept = int(cfg.num_patches * (1.0 - mask_ratio))
-    image = TowerShape(kept + 1, s.vision_width, s.vision_depth, s.vision_heads, s.mlp_ratio)  # + CLS
+    image = TowerShape(cfg.image_tokens(mask_ratio), s.vision_width, s.vision_depth, s.vision_heads, s.mlp_ratio)
     text = TowerShape(cfg.context_length, s.text_width, s.text_depth, s.text_heads, s.mlp_ratio)
     return image, text
 

@@ -11,6 +11,7 @@ import torch.distributed as dist
 from flip_ds.loss import contrastive_loss
 from flip_ds.metrics import Stopwatch
 from flip_ds.models.attention import training_attention
+from flip_ds.models.config import kept_patches
 
 
 @dataclass
@@ -53,7 +54,7 @@ def contrastive_step(engine, micro_batches: list[tuple[torch.Tensor, torch.Tenso
     Attention runs on the kernels `training_attention` picks for the inputs and image length,
     backward included.
     """
-    image_tokens = int(engine.module.visual.patch_embed.num_patches * (1.0 - image_mask)) + 1  # kept + CLS
+    image_tokens = kept_patches(engine.module.visual.patch_embed.num_patches, image_mask) + 1  # + CLS
     with training_attention(micro_batches[0][0], image_tokens):
         return _contrastive_step(engine, micro_batches, image_mask=image_mask, text_mask=text_mask, seed=seed,
                                  rank=rank, step=step, device=device, stop_requested=stop_requested,

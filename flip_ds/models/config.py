@@ -8,6 +8,11 @@ from typing import Literal
 from flip_ds.config_loader import check
 
 
+def kept_patches(num_patches: int, mask_ratio: float) -> int:
+    """How many of `num_patches` patches FLIP's masking keeps (rounded down, as MAE does)."""
+    return int(num_patches * (1.0 - mask_ratio))
+
+
 @dataclass(frozen=True)
 class TowerSizes:
     image_size: int
@@ -72,3 +77,7 @@ class ModelConfig:
     @property
     def num_patches(self) -> int:
         return (self.resolved_image_size // self.sizes.patch_size) ** 2
+
+    def image_tokens(self, mask_ratio: float) -> int:
+        """Tokens the image encoder sees at `mask_ratio`: the kept patches plus CLS."""
+        return kept_patches(self.num_patches, mask_ratio) + 1

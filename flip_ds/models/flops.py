@@ -40,9 +40,9 @@ def flops_per_sample(cfg: ModelConfig, mask_ratio: float = 0.0, context_length: 
     """
     s = cfg.sizes
     patches = cfg.num_patches
-    kept = int(patches * (1.0 - mask_ratio))
     patch_embed = 2 * patches * (3 * s.patch_size**2) * s.vision_width
-    image = patch_embed + transformer_forward_flops(kept + 1, s.vision_width, s.vision_depth, s.mlp_ratio)
+    image = patch_embed + transformer_forward_flops(cfg.image_tokens(mask_ratio), s.vision_width, s.vision_depth,
+                                                    s.mlp_ratio)
     image += 2 * s.vision_width * s.embed_dim
     ctx = context_length or cfg.context_length
     text = transformer_forward_flops(ctx, s.text_width, s.text_depth, s.mlp_ratio) + 2 * s.text_width * s.embed_dim

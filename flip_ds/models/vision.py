@@ -8,6 +8,8 @@ from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 from torch.utils.checkpoint import checkpoint
 
+from flip_ds.models.config import kept_patches
+
 
 def random_masking(x: torch.Tensor, mask_ratio: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """Keep a random `int(L * (1 - mask_ratio))` tokens of each sample (FLIP / MAE).
@@ -18,7 +20,7 @@ def random_masking(x: torch.Tensor, mask_ratio: float, generator: torch.Generato
     in their original order, so they stay contiguous in memory for the encoder.
     """
     n, length, dim = x.shape
-    keep = int(length * (1.0 - mask_ratio))
+    keep = kept_patches(length, mask_ratio)
     noise = torch.rand(n, length, device=x.device, generator=generator)
     ids_keep = noise.argsort(dim=1)[:, :keep].sort(dim=1).values
     return torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, dim))
