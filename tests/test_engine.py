@@ -52,6 +52,18 @@ def test_zero3_each_rank_holds_half_of_every_parameter(tmp_path):
     run_on_ranks(_partition_check, 2, tmp_path)
 
 
+def _clipping_check(rank: int, world: int, tmp) -> None:
+    for clip in (0.0, 0.5):
+        engine = _engine(tmp / f"r{rank}-{clip}", "train.precision=bf16", f"optim.grad_clip={clip}")
+        assert engine.gradient_clipping() == clip  # DeepSpeed >= 0.19 clips at 1.0 unless told otherwise
+        assert _step(engine, rank, 0).stepped
+        engine.destroy()
+
+
+def test_the_recipes_grad_clip_reaches_the_engine_zero_meaning_none(tmp_path):
+    run_on_ranks(_clipping_check, 2, tmp_path)
+
+
 def _nonfinite_check(rank: int, world: int, tmp) -> None:
     engine = _engine(tmp / f"r{rank}", "train.precision=fp32")
     params = [p for p in engine.module.parameters() if p.requires_grad]
