@@ -26,7 +26,10 @@ def saved_activation_bytes(fn: Callable[[], Any], exclude: Iterable[torch.Tensor
         storage = t.untyped_storage()
         if storage.data_ptr() not in excluded:
             saved[storage.data_ptr()] = storage.nbytes()
-        return t
+        # Not `t` itself: a saved output would then hold its own graph through a reference
+        # cycle that runs through C++, which the garbage collector cannot free (each call leaked
+        # the whole forward's activations). A detached alias keeps the data and no graph.
+        return t.detach()
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         result = fn()

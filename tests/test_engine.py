@@ -3,6 +3,8 @@ optimizer reset, activation checkpointing's memory, and the phase / lr plan."""
 
 from __future__ import annotations
 
+import gc
+
 import deepspeed
 import pytest
 import torch
@@ -114,6 +116,25 @@ def test_activation_checkpointing_cuts_saved_activations(name, batch):
         out, saved[ac] = saved_activation_bytes(lambda m=model: m(images, tokens, 0.5), model.parameters())
         sum(t.sum() for t in out).backward()  # and it still back-propagates
     assert saved[True] < saved[False] / 4, saved
+
+
+def test_measuring_saved_activations_frees_them_afterwards():
+    """A forward measured without a backward (the bench's largest-batch search) leaves nothing
+    alive: each measurement used to leak its whole graph, which ran a 2-rank B/16 search out of
+    host memory."""
+    torch.manual_seed(0)
+    model = FLIP(ModelConfig(name="tiny"), vocab_size=100)
+    images, tokens = torch.randn(4, 3, 64, 64), torch.randint(4, 100, (4, 12))
+
+    def live_tensors() -> int:
+        gc.collect()
+        return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
+
+    saved_activation_bytes(lambda: model(images, tokens, 0.5), model.parameters())
+    before = live_tensors()
+    for _ in range(3):
+        assert saved_activation_bytes(lambda: model(images, tokens, 0.5), model.parameters())[1] > 0
+    assert live_tensors() == before
 
 
 def test_phase_plan_lr_warmup_cosine_and_switch():

@@ -12,6 +12,7 @@ from flip_ds.data.tokenizer import EOS_ID, PAD_ID
 from flip_ds.engine import initialize, set_lr
 from flip_ds.memory import saved_activation_bytes
 from flip_ds.metrics import Stopwatch
+from flip_ds.models.attention import training_attention
 from flip_ds.models.config import ModelConfig
 from flip_ds.models.flip import build_model
 from flip_ds.step import contrastive_step
@@ -69,8 +70,9 @@ class FlipEngine:
             synchronize(self.device)
             return current_and_peak(self.device)[1] - before
         generator = torch.Generator(device=self.device).manual_seed(self.step_count)
-        _, saved = saved_activation_bytes(lambda: self.engine(*micro, mask, 0.0, generator),
-                                          exclude=list(self.engine.module.parameters()))
+        with training_attention(self.engine.module, micro[0]):  # what the step saves depends on its attention path
+            _, saved = saved_activation_bytes(lambda: self.engine(*micro, mask, 0.0, generator),
+                                              exclude=list(self.engine.module.parameters()))
         return saved
 
     def destroy(self) -> None:
