@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from flip_ds.models.attention import eager_attention, training_attention
 from flip_ds.models.config import REGISTRY, ModelConfig
 from flip_ds.models.flip import FLIP
 from flip_ds.models.flops import flops_per_sample
@@ -172,3 +173,34 @@ def test_temperature_clipping_holds_after_a_step_pushes_past_the_limit():
     assert model.log_temperature.exp().item() < 0.01  # the raw parameter went past the limit ...
     _, _, scale = model(torch.randn(2, 3, 64, 64), torch.tensor([[2, 5, 3, 0]] * 2))
     assert scale.item() == pytest.approx(100.0, rel=1e-5)  # ... the forward still clips it to tau 0.01
+
+
+@pytest.mark.parametrize("text_attention", ["bidirectional", "causal"])
+def test_eager_attention_matches_sdpa_with_padding_masking_and_causal(text_attention):
+    """The eager path a CPU bf16 step trains on computes what SDPA computes (checked in fp32, where
+    neither rounds): padded captions, masked patches and text, both text attentions."""
+    model = tiny(text_attention=text_attention)
+    images = torch.randn(3, 3, 64, 64)
+    tokens = torch.tensor([[2, 10, 11, 3, 0, 0], [2, 12, 3, 0, 0, 0], [2, 13, 14, 15, 16, 3]])
+
+    def embeddings() -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        return list(model(images, tokens, 0.5, 0.3, torch.Generator().manual_seed(1))[:2])
+
+    with torch.no_grad():
+        fused = embeddings()
+        with eager_attention(model):
+            eager = embeddings()
+    for a, b in zip(fused, eager):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_training_attention_is_eager_only_for_cpu_bf16_and_restores():
+    model = tiny()
+    layers = [m for m in model.modules() if hasattr(m, "fused_attn")]
+    assert layers and all(layer.fused_attn for layer in layers)  # timm's default: SDPA
+    with training_attention(model, torch.zeros(1, dtype=torch.bfloat16)):
+        assert not any(layer.fused_attn for layer in layers)
+    assert all(layer.fused_attn for layer in layers)
+    with training_attention(model, torch.zeros(1)):  # fp32 keeps SDPA
+        assert all(layer.fused_attn for layer in layers)

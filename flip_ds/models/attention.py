@@ -1,31 +1,42 @@
-"""Which scaled-dot-product-attention kernel a training step runs."""
+"""Which attention implementation a training step runs."""
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
-
-# On a CPU in bf16, up to this many image tokens the math kernel trains faster than flash.
-MATH_KERNEL_MAX_TOKENS = 128
+from timm.layers.attention import Attention
+from torch import nn
 
 
-def training_attention(inputs: torch.Tensor, image_tokens: int) -> contextlib.AbstractContextManager:
-    """The SDPA kernels for a training step whose images are like `inputs` and whose image tower
-    sees `image_tokens` tokens (kept patches + CLS).
+def training_attention(model: nn.Module, inputs: torch.Tensor) -> contextlib.AbstractContextManager:
+    """The attention path for a training step of `model` on inputs like `inputs`.
 
-    On a CPU in bf16, torch's flash-attention kernel has a fast forward but a slow backward, so the
-    math path (matmul, softmax, matmul) wins on short sequences and flash on long ones, where the
-    quadratic part dominates. Forward + backward of one B/16 layer's attention, one thread, torch
-    2.14, ms, math vs flash: batch 32 at 50 tokens (mask 0.75) 47 vs 109, 99 tokens (mask 0.5) 125
-    vs 222, 197 tokens (mask 0) 528 vs 348; batch 8 at 197 tokens 110 vs 71. A step's kernel choice
-    follows its image length (the 32-token text tower, 3x faster on math, costs less than the
-    vision tower gains). Evaluation (forward only), fp32 and GPUs keep torch's choice. Enter it
-    around the backward too: activation checkpointing re-runs the forward there, and the kernel the
-    forward picked decides the backward.
+    On a CPU in bf16, timm's eager path (q @ k^T, softmax, @ v, all in bf16) trains faster than
+    either of torch's SDPA kernels at every length: flash has a slow bf16 backward, and the math
+    kernel upcasts q, k and v to fp32, so its matmuls miss the bf16 units and it pays for the
+    casts. One B/16 attention layer with its projections, forward + backward, batch 32, one
+    thread, torch 2.14, ms, flash / math / eager: 50 tokens (mask 0.75) 216-228 / 143-166 /
+    95-102; 99 tokens (mask 0.5) 481-505 / 450-582 / 248-314; 197 tokens (mask 0) 648-702 /
+    1046 / 445-541. The scores are rounded to bf16 before the softmax, as in any eager bf16 or
+    autocast attention. Evaluation (forward only), fp32 and GPUs keep SDPA. Enter it around the
+    backward too: activation checkpointing re-runs the forward there.
     """
-    if (inputs.device.type == "cpu" and inputs.dtype == torch.bfloat16
-            and image_tokens <= MATH_KERNEL_MAX_TOKENS):
-        return sdpa_kernel([SDPBackend.MATH])
+    if inputs.device.type == "cpu" and inputs.dtype == torch.bfloat16:
+        return eager_attention(model)
     return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def eager_attention(model: nn.Module) -> Iterator[None]:
+    """Every timm attention layer of `model` on its eager path while inside."""
+    layers = [m for m in model.modules() if isinstance(m, Attention)]
+    fused = [layer.fused_attn for layer in layers]
+    for layer in layers:
+        layer.fused_attn = False
+    try:
+        yield
+    finally:
+        for layer, was_fused in zip(layers, fused):
+            layer.fused_attn = was_fused
