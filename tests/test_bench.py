@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import statistics
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -19,7 +22,7 @@ from flip_ds.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from flip_ds.models.config import ModelConfig
 from flip_ds.models.flip import FLIP
 from flip_ds.models.flops import flops_per_sample
-from tests.distributed_helpers import torchrun
+from tests.distributed_helpers import REPO, torchrun
 
 B16 = ModelConfig(name="B/16")
 
@@ -168,6 +171,18 @@ def test_two_rank_smoke_run_reports_every_setup_consistently(tmp_path):
     unmasked, masked = result["max_batch"]
     assert unmasked["batch"] == 4  # the budget is what mask 0 needs at the run's batch
     assert masked["batch"] > unmasked["batch"] and masked["activation_gb"] <= masked["budget_gb"]
+
+
+def test_gpu_bench_script_runs_its_smoke_mode_on_a_cpu(tmp_path):
+    """tools/gpu_bench.sh, the one prepared GPU command, has its whole path exercised here: argument
+    parsing, the environment it sets up, and a bench per model written to --out."""
+    run = subprocess.run(["tools/gpu_bench.sh", "--smoke", "--out", str(tmp_path)], cwd=REPO, capture_output=True,
+                         text=True, timeout=300, env={**os.environ, "PYTHON": sys.executable})
+    assert run.returncode == 0 and "FAILED" not in run.stdout, run.stdout[-3000:] + run.stderr[-3000:]
+    rows = json.loads((tmp_path / "smoke.json").read_text())["rows"]
+    assert {(r["setup"], r["mask"]) for r in rows} == {(f"zero{s} bf16", m) for s in (1, 3) for m in (0.0, 0.5, 0.75)}
+    assert all(r["mfu"] > 0 and r["peak_gb"] > 0 for r in rows)
+    assert (tmp_path / "smoke.log").read_text().count("samples/s") >= 1
 
 
 class _CountingCase:
