@@ -56,10 +56,9 @@ def deepspeed_config(recipe: Recipe, accum_steps: int, device: str) -> dict[str,
     config["train_micro_batch_size_per_gpu"] = recipe.train.micro_batch
     config["gradient_accumulation_steps"] = accum_steps
     config["train_batch_size"] = recipe.train.global_batch
-    # No overflow check: bf16 has fp32's range, so there is no loss scale to adjust, and a
-    # non-finite loss is already skipped on every rank before backward (step.py). DeepSpeed's
-    # check is a per-parameter pass over the gradients every step.
-    config["bf16"] = {"enabled": recipe.train.precision == "bf16", "check_grad_overflow": False}
+    # DeepSpeed's bf16 overflow check stays on although it costs a pass over the gradients: under
+    # ZeRO-1/2 it is also what skips an update whose gradients are non-finite while the loss is finite
+    config["bf16"] = {"enabled": recipe.train.precision == "bf16"}
     # Always written: DeepSpeed >= 0.19 clips at 1.0 when the key is absent, and 0 is FLIP's "no clipping"
     config["gradient_clipping"] = recipe.optim.grad_clip
     config["optimizer"] = {

@@ -54,16 +54,40 @@ def test_zero3_each_rank_holds_half_of_every_parameter(tmp_path):
     run_on_ranks(_partition_check, 2, tmp_path)
 
 
+ZERO2 = {"zero_optimization": {"stage": 2}}
+
+
 def _clipping_check(rank: int, world: int, tmp) -> None:
-    for clip in (0.0, 0.5):
-        engine = _engine(tmp / f"r{rank}-{clip}", "train.precision=bf16", f"optim.grad_clip={clip}")
-        assert engine.gradient_clipping() == clip  # DeepSpeed >= 0.19 clips at 1.0 unless told otherwise
-        assert _step(engine, rank, 0).stepped
-        engine.destroy()
+    for zero in (ZERO2, None):  # ZeRO-2, then the default ZeRO-3: each stage's optimizer clips itself
+        for clip in (0.0, 0.5):
+            recipe = tiny_recipe(tmp / f"r{rank}-{clip}-{zero is None}", "train.global_batch=16", "train.micro_batch=8",
+                                 "train.precision=bf16", f"optim.grad_clip={clip}", zero=zero)
+            engine = initialize(build_model(recipe.model, vocab_size=100), recipe, accum_steps=1, device="cpu")
+            assert engine.optimizer.clip_grad == clip  # DeepSpeed >= 0.19 clips at 1.0 unless told otherwise
+            assert _step(engine, rank, 0).stepped
+            engine.destroy()
 
 
-def test_the_recipes_grad_clip_reaches_the_engine_zero_meaning_none(tmp_path):
+def test_the_recipes_grad_clip_reaches_the_optimizer_zero_meaning_none(tmp_path):
     run_on_ranks(_clipping_check, 2, tmp_path)
+
+
+def _nan_gradient_check(rank: int, world: int, tmp) -> None:
+    recipe = tiny_recipe(tmp / f"r{rank}", "train.global_batch=16", "train.micro_batch=8", "train.precision=bf16",
+                         zero=ZERO2)
+    torch.manual_seed(0)
+    engine = initialize(build_model(recipe.model, vocab_size=100), recipe, accum_steps=1, device="cpu")
+    before = [p.detach().clone() for p in engine.module.parameters()]
+    if rank == 0:  # a finite loss whose gradient is not: only DeepSpeed's overflow check can catch it
+        engine.module.visual.patch_embed.proj.weight.register_hook(lambda g: torch.full_like(g, float("nan")))
+    assert _step(engine, rank, 0).stepped  # flip-ds saw a finite loss ...
+    after = list(engine.module.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(before, after))  # ... and DeepSpeed skipped the update on all ranks
+    engine.destroy()
+
+
+def test_a_nan_gradient_from_a_finite_loss_leaves_bf16_zero2_weights_untouched(tmp_path):
+    run_on_ranks(_nan_gradient_check, 2, tmp_path)
 
 
 def _nonfinite_check(rank: int, world: int, tmp) -> None:

@@ -191,8 +191,15 @@ def test_eager_attention_matches_sdpa_with_padding_masking_and_causal(text_atten
         fused = embeddings()
         with eager_attention(model):
             eager = embeddings()
+        model.to(torch.bfloat16)  # the precision the eager path trains in: its scores are rounded to bf16
+        images = images.to(torch.bfloat16)
+        fused_bf16 = embeddings()
+        with eager_attention(model):
+            eager_bf16 = embeddings()
     for a, b in zip(fused, eager):
         assert torch.allclose(a, b, atol=1e-5)
+    for a, b in zip(fused_bf16, eager_bf16):  # unit vectors: a cosine near 1 is agreement
+        assert torch.nn.functional.cosine_similarity(a.float(), b.float()).min() > 0.999
 
 
 def test_training_attention_is_eager_only_for_cpu_bf16_and_restores():

@@ -88,7 +88,7 @@ def test_activation_estimate_is_within_15_percent_of_what_autograd_saves(name):
         model.visual.activation_checkpointing = model.text.activation_checkpointing = checkpointing
         for mask in (0.5, 0.0):
             def step(mask: float = mask) -> torch.Tensor:
-                # the fused kernel GPUs train with (the planner's subject), not the CPU training path's math one
+                # the fused kernel GPUs train with (the planner's subject), not the CPU training path's eager one
                 with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
                     return contrastive_loss(*model(images, tokens, mask))
 
