@@ -11,6 +11,7 @@ import torch.distributed as dist
 from flip_ds.loss import contrastive_loss
 from flip_ds.metrics import Stopwatch
 from flip_ds.models.attention import training_attention
+from flip_ds.models.config import kept_patches
 
 
 @dataclass
@@ -50,9 +51,11 @@ def contrastive_step(engine, micro_batches: list[tuple[torch.Tensor, torch.Tenso
     sum over micro batches is the full gradient. The temperature enters every re-forward, so its
     gradient is scaled by 1/k to be counted once.
 
-    Attention runs on the path `training_attention` picks for the inputs, backward included.
+    Attention runs on the path `training_attention` picks for the inputs and image length,
+    backward included.
     """
-    with training_attention(engine.module, micro_batches[0][0]):
+    image_tokens = kept_patches(engine.module.visual.patch_embed.num_patches, image_mask) + 1  # + CLS
+    with training_attention(engine.module, micro_batches[0][0], image_tokens):
         return _contrastive_step(engine, micro_batches, image_mask=image_mask, text_mask=text_mask, seed=seed,
                                  rank=rank, step=step, device=device, stop_requested=stop_requested,
                                  abort_requested=abort_requested, watch=watch)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flip_ds.models.attention import eager_attention, training_attention
+from flip_ds.models.attention import EAGER_MAX_TOKENS, eager_attention, training_attention
 from flip_ds.models.config import REGISTRY, ModelConfig
 from flip_ds.models.flip import FLIP
 from flip_ds.models.flops import flops_per_sample
@@ -202,12 +202,15 @@ def test_eager_attention_matches_sdpa_with_padding_masking_and_causal(text_atten
         assert torch.nn.functional.cosine_similarity(a.float(), b.float()).min() > 0.999
 
 
-def test_training_attention_is_eager_only_for_cpu_bf16_and_restores():
+def test_training_attention_is_eager_only_for_short_cpu_bf16_steps_and_restores():
     model = tiny()
     layers = [m for m in model.modules() if hasattr(m, "fused_attn")]
     assert layers and all(layer.fused_attn for layer in layers)  # timm's default: SDPA
-    with training_attention(model, torch.zeros(1, dtype=torch.bfloat16)):
+    bf16 = torch.zeros(1, dtype=torch.bfloat16)
+    with training_attention(model, bf16, EAGER_MAX_TOKENS):
         assert not any(layer.fused_attn for layer in layers)
     assert all(layer.fused_attn for layer in layers)
-    with training_attention(model, torch.zeros(1)):  # fp32 keeps SDPA
+    with training_attention(model, bf16, EAGER_MAX_TOKENS + 1):  # long sequences keep SDPA
+        assert all(layer.fused_attn for layer in layers)
+    with training_attention(model, torch.zeros(1), 2):  # fp32 keeps SDPA
         assert all(layer.fused_attn for layer in layers)

@@ -70,7 +70,8 @@ class FlipEngine:
             synchronize(self.device)
             return current_and_peak(self.device)[1] - before
         generator = torch.Generator(device=self.device).manual_seed(self.step_count)
-        with training_attention(self.engine.module, micro[0]):  # what the step saves depends on its attention path
+        tokens = self.model_cfg.image_tokens(mask)
+        with training_attention(self.engine.module, micro[0], tokens):  # what a step saves depends on its attention
             _, saved = saved_activation_bytes(lambda: self.engine(*micro, mask, 0.0, generator),
                                               exclude=list(self.engine.module.parameters()))
         return saved
