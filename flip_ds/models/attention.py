@@ -23,9 +23,9 @@ def training_attention(model: nn.Module, inputs: torch.Tensor, image_tokens: int
     attention layer with its projections, forward + backward, batch 32, one thread, torch 2.14, ms,
     flash / math / eager: 50 tokens (mask 0.75) 216-228 / 143-166 / 95-102; 99 tokens (mask 0.5)
     481-505 / 450-582 / 248-314. At 197 tokens (mask 0) a whole 2-rank B/16 step is at par (eager
-    14.8 s, flash 15.1 s) on a clean process, but eager's large score tensors slow it to 18.7 s
-    against flash's 15.6 s once the process's heap has served another model, so unmasked steps
-    keep flash. The scores are rounded to bf16 before the softmax, as in any eager bf16 or
+    14.8 s, flash 15.1 s) in a clean process, but eager fell to 18.7 s against flash's 15.6 s once
+    the process had also trained another model (cause not established), so unmasked steps keep
+    flash. The scores are rounded to bf16 before the softmax, as in any eager bf16 or
     autocast attention. The text tower follows the image length (its 32 tokens cost less than the
     image tower gains). Evaluation (forward only), fp32 and GPUs keep SDPA. Enter it around the
     backward too: activation checkpointing re-runs the forward there.
