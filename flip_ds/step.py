@@ -11,7 +11,6 @@ import torch.distributed as dist
 from flip_ds.loss import contrastive_loss
 from flip_ds.metrics import Stopwatch
 from flip_ds.models.attention import training_attention
-from flip_ds.models.config import kept_patches
 
 
 @dataclass
@@ -54,7 +53,7 @@ def contrastive_step(engine, micro_batches: list[tuple[torch.Tensor, torch.Tenso
     Attention runs on the path `training_attention` picks for the inputs and image length,
     backward included.
     """
-    image_tokens = kept_patches(engine.module.visual.patch_embed.num_patches, image_mask) + 1  # + CLS
+    image_tokens = engine.module.cfg.image_tokens(image_mask)
     with training_attention(engine.module, micro_batches[0][0], image_tokens):
         return _contrastive_step(engine, micro_batches, image_mask=image_mask, text_mask=text_mask, seed=seed,
                                  rank=rank, step=step, device=device, stop_requested=stop_requested,
