@@ -19,22 +19,17 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import torch.distributed as dist
 import yaml
 
 from flip_ds.config import Recipe
 from flip_ds.config_loader import ConfigError, to_dict
+from flip_ds.distributed import barrier
 
 META = "meta.json"
 
 
 def tag_for(step: int) -> str:
     return f"step_{step:08d}"
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -49,16 +44,16 @@ def save(engine, root: Path, step: int, client_state: dict[str, Any], recipe: Re
     tag = tag_for(step)
     if rank == 0 and (root / tag).exists():  # debris of an interrupted save of this very step
         shutil.rmtree(root / tag)
-    _barrier()
+    barrier()
     engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
-    _barrier()  # every rank's shards are on disk
+    barrier()  # every rank's shards are on disk
     if rank == 0:
         tag_dir = root / tag
         (tag_dir / "recipe.yaml").write_text(yaml.safe_dump(to_dict(recipe), sort_keys=False))
         shutil.copyfile(tokenizer_file, tag_dir / "tokenizer.model")
         _write_atomic(tag_dir / META, json.dumps(meta, indent=2))
         _write_atomic(root / "latest", tag)
-    _barrier()
+    barrier()
     return root / tag
 
 

@@ -1,15 +1,27 @@
 """Rank, world and rendezvous from whichever launcher started us: torchrun, the deepspeed launcher,
-SLURM's srun (one task per device), or none (a single process)."""
+SLURM's srun (one task per device), or none (a single process); and every collective flip-ds
+calls itself.
+
+The collectives live here, and only here, because the backend decides where their tensors must
+be: NCCL serves CUDA tensors only, gloo CPU ones. Each helper moves its input to the process
+group's device and hands the result back on the caller's device, so a caller may count on the
+CPU and still run on a GPU cluster. (DeepSpeed's own collectives are its business.)
+"""
 
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 import subprocess
 from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
+
+# How long a collective waits for a missing rank before every rank fails (recipe: train.comm_timeout_s).
+DEFAULT_COMM_TIMEOUT_S = 600.0
 
 
 @dataclass(frozen=True)
@@ -55,8 +67,13 @@ def detect_dist_env() -> DistEnv:
     return DistEnv(0, 0, 1, 1, "127.0.0.1", _free_port(), "none")
 
 
-def init_distributed(denv: DistEnv) -> str:
-    """Join the process group through DeepSpeed; returns the device name ('cuda' or 'cpu')."""
+def init_distributed(denv: DistEnv, timeout_s: float = DEFAULT_COMM_TIMEOUT_S) -> str:
+    """Join the process group through DeepSpeed; returns the device name ('cuda' or 'cpu').
+
+    A collective that waits `timeout_s` for a rank that stopped fails on every rank that waits,
+    so a hung or dead peer ends the job (and a requeue can start it again) instead of holding
+    the allocation.
+    """
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
@@ -73,7 +90,8 @@ def init_distributed(denv: DistEnv) -> str:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // denv.local_world_size))
     else:
         accelerator.set_device(denv.local_rank)
-    deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(), verbose=False)
+    deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(), verbose=False,
+                               timeout=datetime.timedelta(seconds=timeout_s))
     return device
 
 
@@ -83,3 +101,77 @@ def shutdown() -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+# -- collectives --------------------------------------------------------------------------------
+_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def device_for_backend(backend: str) -> torch.device:
+    """The device a backend's collectives take their tensors on: gloo the CPU, NCCL (and the other
+    accelerator backends) this rank's current device."""
+    if backend == "gloo":
+        return torch.device("cpu")
+    from deepspeed.accelerator import get_accelerator
+
+    return torch.device(get_accelerator().current_device_name())
+
+
+def collective_device() -> torch.device:
+    return device_for_backend(str(dist.get_backend()))
+
+
+def all_reduce(tensor: torch.Tensor, op: Literal["sum", "max", "min"] = "sum") -> torch.Tensor:
+    """The reduction over ranks of `tensor`, on `tensor`'s device. In place when that device is the
+    collective's; the input is left as it was otherwise. Use the return value."""
+    if not is_distributed():
+        return tensor
+    work = tensor.to(collective_device())
+    dist.all_reduce(work, op=_OPS[op])
+    return work.to(tensor.device)
+
+
+def all_gather(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's `tensor` (same shape on all), in rank order, on `tensor`'s device."""
+    if not is_distributed():
+        return [tensor]
+    work = tensor.to(collective_device()).contiguous()
+    parts = [torch.empty_like(work) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, work)
+    return [p.to(tensor.device) for p in parts]
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's picklable `obj`, in rank order (torch stages it on the current device)."""
+    if not is_distributed():
+        return [obj]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def max_over_ranks(values: list[float]) -> list[float]:
+    """Element-wise maximum of `values` over the ranks."""
+    return all_reduce(torch.tensor(values, dtype=torch.float64), "max").tolist()
+
+
+def any_rank(*flags: bool) -> list[bool]:
+    """Each flag raised on any rank, raised on all."""
+    return [v > 0 for v in max_over_ranks([float(f) for f in flags])]
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()

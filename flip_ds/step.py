@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
+from flip_ds.distributed import any_rank
 from flip_ds.loss import contrastive_loss
 from flip_ds.metrics import Stopwatch
 from flip_ds.models.attention import training_attention
@@ -26,15 +26,6 @@ class StepOutcome:
 def mask_seed(seed: int, rank: int, step: int, micro: int) -> int:
     """The masking noise of (rank, step, micro batch): reproducible after a resume, distinct everywhere."""
     return int(np.random.SeedSequence([seed, rank, step, micro]).generate_state(1)[0])
-
-
-def _agree(device: str, *flags: bool) -> list[bool]:
-    """Each flag raised on any rank is raised on all: one small all-reduce per step, so the ranks
-    skip, stop or abort together and no collective is left waiting for a rank that went away."""
-    values = torch.tensor([float(f) for f in flags], device=device)
-    if dist.is_initialized():
-        dist.all_reduce(values, op=dist.ReduceOp.MAX)
-    return [bool(v) for v in values.tolist()]
 
 
 def contrastive_step(engine, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], *, image_mask: float,
@@ -76,7 +67,9 @@ def _contrastive_step(engine, micro_batches: list[tuple[torch.Tensor, torch.Tens
     if k == 1:
         image_emb, text_emb, scale = forward(0)
         loss = contrastive_loss(image_emb, text_emb, scale)
-        flags = _agree(device, not torch.isfinite(loss).item(), stop_requested, abort_requested)
+        # one small all-reduce per step: the ranks skip, stop or abort together, and no collective is
+        # left waiting for a rank that went away
+        flags = any_rank(not torch.isfinite(loss).item(), stop_requested, abort_requested)
         if any(flags):
             return outcome(loss, scale, flags)
         engine.backward(loss)
@@ -90,7 +83,7 @@ def _contrastive_step(engine, micro_batches: list[tuple[torch.Tensor, torch.Tens
         cached_images = [c[0] for c in cached]
         cached_texts = [c[1] for c in cached]
         loss = contrastive_loss(torch.cat(cached_images), torch.cat(cached_texts), cached[0][2])
-    flags = _agree(device, not torch.isfinite(loss).item(), stop_requested, abort_requested)
+    flags = any_rank(not torch.isfinite(loss).item(), stop_requested, abort_requested)
     if any(flags):
         return outcome(loss, cached[0][2], flags)
     for j in range(k):

@@ -8,7 +8,8 @@ from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import torch
-import torch.distributed as dist
+
+from flip_ds.distributed import barrier
 
 
 class Case(Protocol):
@@ -23,11 +24,6 @@ def synchronize(device: str) -> None:
     """Wait for queued device work, so the host clock measures it (a no-op on the CPU)."""
     if device == "cuda":
         torch.cuda.synchronize()
-
-
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def timed(device: str, work: Callable[[], None], units: int) -> float:

@@ -14,8 +14,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
+from flip_ds import distributed
 from flip_ds.bench.cases import timed
 from flip_ds.models.config import ModelConfig
 
@@ -69,7 +69,7 @@ class OpenClipTrainer:
         import open_clip
 
         self.device, self.threads = device, threads
-        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.rank = distributed.rank()
         self.batch = (batch[0].float(), batch[1])  # OpenCLIP's inputs are fp32 under autocast
         if self.rank != 0:
             return

@@ -14,9 +14,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
+from flip_ds import distributed
 from flip_ds.evaluation.datasets import ImageDataset
 
 EncodeFn = Callable[[torch.Tensor, int], torch.Tensor]  # (inputs on device, batch index) -> (n, D)
@@ -29,9 +29,7 @@ class Shard:
 
     @staticmethod
     def current() -> Shard:
-        if dist.is_available() and dist.is_initialized():
-            return Shard(dist.get_rank(), dist.get_world_size())
-        return Shard(0, 1)
+        return Shard(distributed.rank(), distributed.world_size())
 
 
 class ImageSource:
@@ -113,9 +111,7 @@ def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
 
 def _gather_interleaved(local: torch.Tensor) -> torch.Tensor:
     """(steps, B, ...) per rank -> (steps * W, B, ...) in global batch order: step s of rank r is batch s*W + r."""
-    parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, local.contiguous())
-    return torch.stack(parts, dim=1).reshape(-1, *local.shape[1:])
+    return torch.stack(distributed.all_gather(local), dim=1).reshape(-1, *local.shape[1:])
 
 
 def _autocast(device: torch.device, dtype: torch.dtype):
