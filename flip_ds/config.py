@@ -25,9 +25,11 @@ class TrainConfig:
     micro_batch: int = 256  # samples per device per forward
     accum_steps: int | None = None  # feature-cache micro batches per step; None: derived from the world size
     seed: int = 0
-    precision: Literal["bf16", "fp32"] = "bf16"
+    # auto: bf16 on GPUs and CPUs with native bf16, fp32 on other CPUs (flip_ds.precision)
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
     deepspeed: str = "ds_configs/zero3.json"  # engine settings only (ZeRO stage, offload, buckets)
     max_nonfinite_steps: int = 5  # stop after this many non-finite losses in a row
+    comm_timeout_s: float = 600.0  # a collective waiting this long for a rank fails every rank (a hang ends)
 
     def validate(self, prefix: str = "train") -> None:
         check(self.global_batch > 0, f"{prefix}.global_batch: {self.global_batch} must be > 0")
@@ -35,6 +37,7 @@ class TrainConfig:
         check(self.accum_steps is None or self.accum_steps > 0,
               f"{prefix}.accum_steps: {self.accum_steps} must be > 0 (or null to derive it)")
         check(self.max_nonfinite_steps > 0, f"{prefix}.max_nonfinite_steps: must be > 0")
+        check(self.comm_timeout_s > 0, f"{prefix}.comm_timeout_s: {self.comm_timeout_s} must be > 0")
 
     def resolve_accum_steps(self, world_size: int) -> int:
         """Micro batches per step so that global = micro x accum x world, or a ConfigError saying why not."""

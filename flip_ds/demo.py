@@ -1,7 +1,8 @@
 """The README's first command: every part of flip-ds on the built-in dataset, in minutes.
 
 Builds the dataset and tokenizer (if absent), trains the tiny recipe under the deepspeed launcher
-(ZeRO-3, bf16, masking, activation checkpointing, then unmasked tuning), exports the model,
+(ZeRO-3, the precision the hardware does fast, masking, activation checkpointing, then unmasked
+tuning), exports the model,
 evaluates the exported file, and prints what was achieved. Each stage is a real subcommand run as
 a user would run it; any failing stage stops the demo with its exit status.
 """
@@ -85,8 +86,11 @@ def run_demo(recipe_path: str, data_dir: str, out_dir: str, train_samples: int) 
     print("\n=== flip-ds demo: what it achieved")
     stage = load_engine_json(recipe.train.deepspeed).get("zero_optimization", {}).get("stage", 0)
     checkpointing = ", activation checkpointing" if recipe.model.activation_checkpointing else ""
+    meta = json.loads((out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip() / "meta.json")
+                      .read_text())
     print(f"  trained        {recipe.model.name} FLIP, {recipe.total_samples} samples on {nproc} x {device} "
-          f"(ZeRO-{stage}, {recipe.train.precision}{checkpointing}) in {train_seconds:.0f} s")
+          f"(ZeRO-{stage}, {meta['precision']}{checkpointing}) in {train_seconds:.0f} s")
+    print(f"  precision      {meta['precision']}: {meta['precision_reason']}")
     for mask, value in speed.items():
         print(f"  throughput     {value:.1f} samples/s at mask {mask} (median over the phase)")
     if masked and unmasked:

@@ -20,10 +20,11 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, An
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def initialize(model: nn.Module, recipe: Recipe, accum_steps: int, device: str):  # -> DeepSpeedEngine
+def initialize(model: nn.Module, recipe: Recipe, accum_steps: int, device: str, precision: str):  # -> DeepSpeedEngine
+    """`precision`: 'bf16' or 'fp32', the recipe's choice resolved for the hardware (flip_ds.precision)."""
     import deepspeed
 
-    config = deepspeed_config(recipe, accum_steps, device)
+    config = deepspeed_config(recipe, accum_steps, device, precision)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=parameter_groups(model, recipe.optim.weight_decay),
                                       config=config)
     return engine

@@ -45,8 +45,9 @@ def load_engine_json(path: str) -> dict[str, Any]:
     return config
 
 
-def deepspeed_config(recipe: Recipe, accum_steps: int, device: str) -> dict[str, Any]:
-    """The engine JSON plus the fields derived from the recipe.
+def deepspeed_config(recipe: Recipe, accum_steps: int, device: str, precision: str) -> dict[str, Any]:
+    """The engine JSON plus the fields derived from the recipe; `precision` is the recipe's,
+    resolved for the hardware ('bf16' or 'fp32', see flip_ds.precision).
 
     DeepSpeed's `gradient_accumulation_steps` is our feature-cache micro-batch count: each
     micro batch is re-forwarded and back-propagated once per step, and the engine steps after the
@@ -58,7 +59,7 @@ def deepspeed_config(recipe: Recipe, accum_steps: int, device: str) -> dict[str,
     config["train_batch_size"] = recipe.train.global_batch
     # DeepSpeed's bf16 overflow check stays on although it costs a pass over the gradients: under
     # ZeRO-1/2 it is also what skips an update whose gradients are non-finite while the loss is finite
-    config["bf16"] = {"enabled": recipe.train.precision == "bf16"}
+    config["bf16"] = {"enabled": precision == "bf16"}
     # Always written: DeepSpeed >= 0.19 clips at 1.0 when the key is absent, and 0 is FLIP's "no clipping"
     config["gradient_clipping"] = recipe.optim.grad_clip
     config["optimizer"] = {

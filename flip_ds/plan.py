@@ -335,7 +335,8 @@ def plan(recipe: Recipe, cluster: Cluster, vocab_size: int, recipe_name: str = "
     check(g % world == 0, f"train.global_batch: {g} does not split over {world} GPUs; choose a multiple of {world}")
     rows = g // world
     zero = ZeroSetup.from_engine_json(load_engine_json(recipe.train.deepspeed))
-    precision = recipe.train.precision
+    # the planner sizes GPU runs: 'auto' is bf16 on every GPU it plans for (Ampere and later)
+    precision = "bf16" if recipe.train.precision == "auto" else recipe.train.precision
     total, largest = parameter_counts(recipe.model, vocab_size)
     states = model_states(total, largest, zero, precision, world, cluster.gpus_per_node)
     spans = PhasePlan(recipe.phases, recipe.optim, g).spans

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from flip_ds import checkpoint
 from flip_ds import engine as ds_engine
@@ -19,12 +18,13 @@ from flip_ds.config import Recipe
 from flip_ds.config_loader import ConfigError
 from flip_ds.data.pipeline import DataError, TrainStream
 from flip_ds.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
-from flip_ds.distributed import DistEnv, detect_dist_env, init_distributed, shutdown
+from flip_ds.distributed import DistEnv, all_gather_object, all_reduce, detect_dist_env, init_distributed, shutdown
 from flip_ds.engine_config import validate_for_launch
 from flip_ds.metrics import Stopwatch, TrainLogger, device_peak_tflops, format_eta, peak_memory_bytes
 from flip_ds.models.flip import build_model
 from flip_ds.models.flops import flops_per_sample
 from flip_ds.models.vision import masked_preview
+from flip_ds.precision import Precision, resolve_on_all_ranks
 from flip_ds.schedule import PhasePlan, PhaseSpan
 from flip_ds.signals import StopRequest
 from flip_ds.step import contrastive_step, mask_seed
@@ -56,7 +56,7 @@ def train(recipe: Recipe) -> int:
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)`",
                             category=FutureWarning)
     _check_inputs(recipe)
-    device = init_distributed(denv)
+    device = init_distributed(denv, recipe.train.comm_timeout_s)
     try:
         status = Trainer(recipe, denv, accum, device).run()
     except (ConfigError, DataError, NonFiniteError) as e:
@@ -90,10 +90,11 @@ class Trainer:
         self.ckpt_root = self.out / "checkpoints"
         self.plan = PhasePlan(recipe.phases, recipe.optim, recipe.train.global_batch)
         self.tokenizer = Tokenizer(recipe.data.tokenizer, recipe.model.context_length)
-        self.dtype = torch.bfloat16 if recipe.train.precision == "bf16" else torch.float32
+        self.precision = self._choose_precision()
+        self.dtype = self.precision.dtype
         torch.manual_seed(recipe.train.seed)  # every rank builds the same initial weights
         model = build_model(recipe.model, self.tokenizer.vocab_size, pad_id=PAD_ID, eos_id=EOS_ID)
-        self.engine = ds_engine.initialize(model, recipe, accum, device)
+        self.engine = ds_engine.initialize(model, recipe, accum, device, self.precision.name)
         self.state = TrainState()
         resume = checkpoint.find_resume(recipe, self.ckpt_root)
         if resume:
@@ -108,6 +109,7 @@ class Trainer:
                                   seed=recipe.train.seed, rank=self.rank, world_size=denv.world_size,
                                   state=self.state.data)
         self.logger = TrainLogger(self.out / "tensorboard", self.rank)
+        self.logger.text("run/precision", f"{self.precision.name}: {self.precision.reason}", 0)
         self.peak_tflops = device_peak_tflops(device, recipe.logging.peak_tflops)
         self.stop = StopRequest()
 
@@ -121,7 +123,7 @@ class Trainer:
         last_saved = self.state.step if self.state.step > 0 else -1
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
-        self.log(f"training {r.model.name} on {self.denv.world_size} rank(s) ({self.device}, {r.train.precision}): "
+        self.log(f"training {r.model.name} on {self.denv.world_size} rank(s) ({self.device}, {self.precision.name}): "
                  f"global batch {g} = {r.train.micro_batch} x {self.accum} accum x {self.denv.world_size}; "
                  f"{self.plan.total_steps} steps, {len(self.plan.spans)} phase(s)")
         try:
@@ -179,6 +181,13 @@ class Trainer:
             self.logger.close()
 
     # -- pieces ---------------------------------------------------------------------------------
+    def _choose_precision(self) -> Precision:
+        precision = resolve_on_all_ranks(self.recipe.train.precision, self.device)
+        self.log(f"precision {precision.name} ({precision.reason})")
+        if precision.warning and self.rank == 0:
+            print(f"[flip-ds] warning: {precision.warning}", file=sys.stderr, flush=True)
+        return precision
+
     def _to_device(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         images = batch.images.to(self.device, dtype=self.dtype, non_blocking=True)
         return images, batch.tokens.to(self.device, non_blocking=True)
@@ -248,9 +257,7 @@ class Trainer:
         except DataError as e:
             error = str(e)
         keys = sorted(counts)
-        totals = torch.tensor([float(counts[k]) for k in keys] + [float(bool(error))])
-        if dist.is_initialized():
-            dist.all_reduce(totals)
+        totals = all_reduce(torch.tensor([float(counts[k]) for k in keys] + [float(bool(error))]))
         if totals[-1] > 0:
             raise DataError(error or "another rank exceeded data.max_skip_rate (see its error)")
         return {k: int(v) for k, v in zip(keys, totals[:-1].tolist())}
@@ -271,12 +278,11 @@ class Trainer:
     def _save(self, step: int) -> None:
         g = self.recipe.train.global_batch
         meta = {"samples_seen": step * g, "step": step, "phase": self.plan.span_at(max(step - 1, 0)).phase.name,
-                "world_size": self.denv.world_size, "model": self.recipe.model.name, "time": time.time()}
+                "world_size": self.denv.world_size, "model": self.recipe.model.name, "precision": self.precision.name,
+                "precision_reason": self.precision.reason, "time": time.time()}
         # Every rank's data position travels in the client state, indexed by rank: under ZeRO-1/2
         # DeepSpeed writes the client state from rank 0 only, and every rank reads that one copy.
-        data = [None] * self.denv.world_size
-        dist.all_gather_object(data, self.state.data)
-        client = {"flip_ds": {**self.state.__dict__, "data": data}}
+        client = {"flip_ds": {**self.state.__dict__, "data": all_gather_object(self.state.data)}}
         path = checkpoint.save(self.engine, self.ckpt_root, step, client, self.recipe, self.recipe.data.tokenizer,
                                meta, self.rank)
         milestones = {checkpoint.tag_for(-(-m // g)) for m in self.recipe.checkpoint.milestones}

@@ -147,13 +147,16 @@ def test_two_rank_smoke_run_reports_every_setup_consistently(tmp_path):
     result = json.loads(out.read_text())
     tiny = ModelConfig(name="tiny")
     assert result["machine"]["ranks"] == 2 and result["spec"]["model"] == "tiny"
-    peak = result["peak_tflops_per_rank"]["bf16"]
+    [precision] = result["spec"]["precisions"]  # 'auto', resolved for this CPU
+    assert precision in ("bf16", "fp32") and result["spec"]["peer_precisions"] is None
+    peak = result["peak_tflops_per_rank"][precision]
     assert peak > 0
     rows = result["rows"]
     flip = {(r["setup"], r["mask"]): r for r in rows if r["stack"] == "flip-ds"}
-    assert set(flip) == {("zero1 bf16", 0.0), ("zero1 bf16", 0.5), ("zero3 bf16", 0.0), ("zero3 bf16", 0.5)}
+    assert set(flip) == {(f"zero{s} {precision}", m) for s in (1, 3) for m in (0.0, 0.5)}
     theirs = {r["mask"]: r for r in rows if r["stack"] == "open_clip"}
-    assert set(theirs) == {0.0, 0.5} and all(r["ranks"] == 1 and r["setup"] == "amp_bf16" for r in theirs.values())
+    peer_setup = {"bf16": "amp_bf16", "fp32": "fp32"}[precision]
+    assert set(theirs) == {0.0, 0.5} and all(r["ranks"] == 1 and r["setup"] == peer_setup for r in theirs.values())
     for r in rows:
         assert r["step_s"] == statistics.median(r["step_s_samples"]) > 0
         assert r["samples_per_s"] == pytest.approx(4 * r["ranks"] / r["step_s"])
@@ -179,8 +182,10 @@ def test_gpu_bench_script_runs_its_smoke_mode_on_a_cpu(tmp_path):
     run = subprocess.run(["tools/gpu_bench.sh", "--smoke", "--out", str(tmp_path)], cwd=REPO, capture_output=True,
                          text=True, timeout=300, env={**os.environ, "PYTHON": sys.executable})
     assert run.returncode == 0 and "FAILED" not in run.stdout, run.stdout[-3000:] + run.stderr[-3000:]
-    rows = json.loads((tmp_path / "smoke.json").read_text())["rows"]
-    assert {(r["setup"], r["mask"]) for r in rows} == {(f"zero{s} bf16", m) for s in (1, 3) for m in (0.0, 0.5, 0.75)}
+    result = json.loads((tmp_path / "smoke.json").read_text())
+    rows, [precision] = result["rows"], result["spec"]["precisions"]
+    assert {(r["setup"], r["mask"]) for r in rows} == {(f"zero{s} {precision}", m) for s in (1, 3)
+                                                       for m in (0.0, 0.5, 0.75)}
     assert all(r["mfu"] > 0 and r["peak_gb"] > 0 for r in rows)
     assert (tmp_path / "smoke.log").read_text().count("samples/s") >= 1
 

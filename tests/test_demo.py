@@ -25,14 +25,17 @@ def test_demo_pipeline_produces_every_artefact(tmp_path):
                           cwd=REPO, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     summary = done.stdout[done.stdout.index("flip-ds demo: what it achieved"):]
-    for line in ("(ZeRO-3, bf16, activation checkpointing)", "samples/s at mask 0.5", "masking",
+    tag = (out / "checkpoints" / "latest").read_text().strip()
+    meta = json.loads((out / "checkpoints" / tag / "meta.json").read_text())
+    assert meta["precision"] in ("bf16", "fp32") and meta["precision_reason"].startswith("auto: ")
+    for line in (f"(ZeRO-3, {meta['precision']}, activation checkpointing)",
+                 f"precision      {meta['precision']}: auto", "samples/s at mask 0.5", "masking",
                  "zero-shot      top-1", "image->text R@1", "TensorBoard", "exported"):
         assert line in summary, summary
     # the dataset and tokenizer
     assert len(list((data / "train").glob("*.tar"))) >= 1 and (data / "tokenizer.model").is_file()
     # the DeepSpeed checkpoint, complete, with 2 ranks' shards
-    tag = (out / "checkpoints" / "latest").read_text().strip()
-    assert json.loads((out / "checkpoints" / tag / "meta.json").read_text())["world_size"] == 2
+    assert meta["world_size"] == 2
     assert len(list((out / "checkpoints" / tag).glob("zero_pp_rank_*_model_states.pt"))) == 2
     # TensorBoard events with the expected tags, both phases, and the in-training eval
     tb = out / "tensorboard"

@@ -15,8 +15,7 @@
 # they are not installed. The repo is used in place (PYTHONPATH), nothing is pip-installed into it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-python3}
-WHEEL_PYTHON=${WHEEL_PYTHON:-3.12}
+source tools/gpu_env.sh
 mode=gpu out=runs/gpu_bench wheels=wheels
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -30,31 +29,11 @@ while [ $# -gt 0 ]; do
 done
 
 if [ "$mode" = wheels ]; then
-    mkdir -p "$wheels"
-    # deepspeed is an sdist on PyPI; built here it is a pure-Python wheel (its CUDA ops JIT-build on first use)
-    "$PYTHON" -m pip wheel -q --no-deps -w "$wheels" deepspeed==0.19.8
-    "$PYTHON" -m pip download -q --no-deps --only-binary=:all: --python-version "$WHEEL_PYTHON" --implementation cp \
-        --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d "$wheels" \
-        webdataset==1.0.2 braceexpand==0.1.7 hjson==3.1.0 pydantic==2.14.4 pydantic-core==2.50.5 \
-        annotated-types==0.8.0 typing-inspection==0.4.5
-    ls -1 "$wheels"
+    gpu_env_make_wheels "$wheels"
     exit 0
 fi
-
-if ! "$PYTHON" -c "import deepspeed, webdataset" 2>/dev/null; then
-    ls "$wheels"/*.whl >/dev/null 2>&1 || {
-        echo "gpu_bench.sh: deepspeed/webdataset are not installed and $wheels/ has no wheels; make them with" \
-             "'tools/gpu_bench.sh --wheels' on a machine with PyPI and copy $wheels/ here" >&2
-        exit 1
-    }
-    site=$(mktemp -d /tmp/flipds-site.XXXX)
-    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --target "$site" "$wheels"/*.whl
-    export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
-fi
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+gpu_env_activate "$wheels" gpu_bench.sh
 mkdir -p "$out"
-"$PYTHON" -c "import torch; print('torch', torch.__version__, '|', torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU: CPU')"
-
 bench() {  # NAME, then flip-ds bench arguments; a model that fails (e.g. out of memory) does not stop the others
     local name=$1; shift
     echo "== $name: flip-ds bench $*"

@@ -15,6 +15,7 @@ from flip_ds.metrics import Stopwatch
 from flip_ds.models.attention import training_attention
 from flip_ds.models.config import ModelConfig
 from flip_ds.models.flip import build_model
+from flip_ds.precision import dtype_of
 from flip_ds.step import contrastive_step
 
 BENCH_LR = 1e-5  # any lr > 0: AdamW then does its full update
@@ -29,12 +30,13 @@ class FlipEngine:
                  rank: int, world_size: int, device: str) -> None:
         self.model_cfg, self.stage, self.precision, self.batch = model, stage, precision, batch
         self.vocab_size, self.rank, self.device = vocab_size, rank, device
-        self.dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        self.dtype = dtype_of(precision)
         recipe = Recipe(model=model, train=TrainConfig(global_batch=batch * world_size, micro_batch=batch,
                                                        precision=precision, deepspeed=f"ds_configs/zero{stage}.json"))
         held_before = held_bytes(device)
         torch.manual_seed(0)  # every rank builds the same weights
-        self.engine = initialize(build_model(model, vocab_size, pad_id=PAD_ID, eos_id=EOS_ID), recipe, 1, device)
+        self.engine = initialize(build_model(model, vocab_size, pad_id=PAD_ID, eos_id=EOS_ID), recipe, 1, device,
+                                 precision)
         set_lr(self.engine, BENCH_LR)
         self.images, self.tokens = self.batch_of(batch)
         self.step_count = 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from flip_ds.bench.cases import timed
+from flip_ds.precision import dtype_of
 
 # Big enough to reach the BLAS's steady state, small enough to time in well under a second
 SIZE = {"cpu": 2048, "cuda": 8192}
@@ -24,7 +25,7 @@ class MatmulPeak:
         self.precision = precision
         self.device = device
         self.size = SIZE.get(device, SIZE["cuda"])
-        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        dtype = dtype_of(precision)
         generator = torch.Generator().manual_seed(0)
         self.a = torch.randn(self.size, self.size, generator=generator).to(device, dtype)
         self.b = torch.randn(self.size, self.size, generator=generator).to(device, dtype)

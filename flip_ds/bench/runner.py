@@ -14,15 +14,16 @@ from importlib import metadata
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
+from flip_ds import distributed
 from flip_ds.bench.cases import interleave, median
 from flip_ds.bench.flip_case import FlipEngine, FlipStepCase
 from flip_ds.bench.peak import MatmulPeak
 from flip_ds.bench.table import Row, fill_mask_ratios, fill_throughput, largest_batch, peer_summary
 from flip_ds.config_loader import ConfigError, check
-from flip_ds.distributed import detect_dist_env, init_distributed, shutdown
+from flip_ds.distributed import detect_dist_env, init_distributed, max_over_ranks, shutdown
 from flip_ds.models.config import REGISTRY, ModelConfig
+from flip_ds.precision import PRECISIONS, resolve_on_all_ranks
 
 GiB = 2**30
 
@@ -32,7 +33,7 @@ class BenchSpec:
     model: str = "B/16"
     batch: int = 8  # per rank
     masks: list[float] = field(default_factory=lambda: [0.0, 0.5, 0.75])
-    precisions: list[str] = field(default_factory=lambda: ["bf16"])
+    precisions: list[str] = field(default_factory=lambda: ["auto"])  # auto: what the hardware does fast
     stages: list[int] = field(default_factory=lambda: [1])
     steps: int = 2  # optimizer steps per timed block
     rounds: int = 3  # blocks per case, interleaved with the other cases
@@ -49,8 +50,8 @@ class BenchSpec:
         check(self.model in REGISTRY, f"--model: '{self.model}' is not a model; choose one of {', '.join(REGISTRY)}")
         check(self.batch > 0, f"--batch: {self.batch} must be > 0")
         check(bool(self.masks) and all(0.0 <= m < 1.0 for m in self.masks), f"--masks: {self.masks} must be in [0, 1)")
-        for name, values in (("--precision", self.precisions), ("--peer-precision", self.peer_precisions or ["bf16"])):
-            check(bool(values) and all(p in ("bf16", "fp32") for p in values), f"{name}: {values}: bf16 or fp32")
+        for name, values in (("--precision", self.precisions), ("--peer-precision", self.peer_precisions or ["auto"])):
+            check(bool(values) and all(p in PRECISIONS for p in values), f"{name}: {values}: {', '.join(PRECISIONS)}")
         check(all(s in (1, 2, 3) for s in self.stages), f"--zero: {self.stages}: ZeRO stages are 1, 2 or 3")
         check(self.steps >= 1 and self.rounds >= 1 and self.warmup >= 0,
               "--steps and --rounds must be >= 1, --warmup >= 0")
@@ -97,22 +98,30 @@ def run_bench(spec: BenchSpec) -> BenchResult | None:
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its per-engine INFO lines would bury the table
     device = init_distributed(denv)
     try:
-        result = _measure(spec, denv.world_size, denv.local_world_size, device)
+        result = _measure(_resolved(spec, device), denv.world_size, denv.local_world_size, device)
     finally:
         shutdown()
     return result if denv.rank == 0 else None
 
 
+def _resolved(spec: BenchSpec, device: str) -> BenchSpec:
+    """`spec` with 'auto' precisions made concrete for this hardware (the same on every rank)."""
+
+    def resolve(values: list[str]) -> list[str]:
+        chosen = [resolve_on_all_ranks(p, device) for p in values]
+        for requested, precision in zip(values, chosen):
+            _log(f"precision {requested} -> {precision.name} ({precision.reason})")
+            if precision.warning:
+                _log(f"warning: {precision.warning}")
+        return list(dict.fromkeys(p.name for p in chosen))
+
+    return dataclasses.replace(spec, precisions=resolve(spec.precisions),
+                               peer_precisions=resolve(spec.peer_precisions) if spec.peer_precisions else None)
+
+
 def _log(message: str) -> None:
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if distributed.rank() == 0:
         print(f"[bench] {message}", file=sys.stderr, flush=True)
-
-
-def _max_over_ranks(values: list[float]) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    if dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.tolist()
 
 
 def _node_threads() -> int:
@@ -128,7 +137,7 @@ def _measure(spec: BenchSpec, world: int, local_world: int, device: str) -> Benc
         for precision in spec.precisions:
             _log(f"building {spec.model} under ZeRO-{stage} {precision}, batch {spec.batch} per rank x {world}")
             engines.append(FlipEngine(cfg, spec.vocab_size, stage=stage, precision=precision, batch=spec.batch,
-                                      rank=dist.get_rank() if dist.is_initialized() else 0, world_size=world,
+                                      rank=distributed.rank(), world_size=world,
                                       device=device))
     flip_cases = [FlipStepCase(e, m) for e in engines for m in spec.masks]
     peer_cases = []
@@ -147,7 +156,7 @@ def _measure(spec: BenchSpec, world: int, local_world: int, device: str) -> Benc
     # OpenCLIP runs as one process: on a CPU it has the whole node, on a GPU one device
     peer_devices = local_world if device == "cpu" else 1
 
-    memory = _max_over_ranks([e.held_bytes for e in engines] + [c.peak_rise for c in flip_cases])
+    memory = max_over_ranks([e.held_bytes for e in engines] + [c.peak_rise for c in flip_cases])
     held = dict(zip([id(e) for e in engines], memory[:len(engines)]))
     rows = []
     for case, rise in zip(flip_cases, memory[len(engines):]):
@@ -176,9 +185,9 @@ def _largest_batches(spec: BenchSpec, engine: FlipEngine) -> list[dict[str, Any]
     step fits the budget (held state + activations), found with the engine of the first setup."""
 
     def activations(batch: int, mask: float) -> int:
-        return int(_max_over_ranks([engine.activation_bytes(batch, mask)])[0])  # every rank searches alike
+        return int(max_over_ranks([engine.activation_bytes(batch, mask)])[0])  # every rank searches alike
 
-    held = int(_max_over_ranks([engine.held_bytes])[0])
+    held = int(max_over_ranks([engine.held_bytes])[0])
     budget = (int(spec.memory_budget_gb * GiB) if spec.memory_budget_gb else held + activations(spec.batch, 0.0))
     if budget <= held:
         raise ConfigError(f"--memory-budget-gb: {spec.memory_budget_gb} GB is below the engine's held state "

@@ -21,14 +21,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="B/16", help="registry size: tiny, B/16, L/16, L/14, H/14")
     p.add_argument("--batch", type=int, default=8, help="samples per rank per step")
     p.add_argument("--masks", type=float, nargs="+", default=[0.0, 0.5, 0.75], help="image mask ratios")
-    p.add_argument("--precision", nargs="+", choices=["bf16", "fp32"], default=["bf16"], help="precisions")
+    p.add_argument("--precision", nargs="+", choices=["auto", "bf16", "fp32"], default=["auto"],
+                   help="precisions; auto: bf16 on GPUs and on CPUs with native bf16, fp32 on other CPUs")
     p.add_argument("--zero", type=int, nargs="+", default=[1], help="ZeRO stages (ds_configs/zero{1,2,3}.json)")
     p.add_argument("--steps", type=int, default=2, help="optimizer steps per timed block")
     p.add_argument("--rounds", type=int, default=3, help="timed blocks per setup, interleaved; medians reported")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per setup before the first round")
     p.add_argument("--peer", action="store_true",
                    help="also train OpenCLIP's twin of the model with its own trainer (needs open-clip-torch)")
-    p.add_argument("--peer-precision", nargs="+", choices=["bf16", "fp32"], default=None,
+    p.add_argument("--peer-precision", nargs="+", choices=["auto", "bf16", "fp32"], default=None,
                    help="OpenCLIP's precisions, bf16 being its autocast (amp_bf16); None: the same as --precision")
     p.add_argument("--max-batch", action="store_true",
                    help="find the largest per-rank batch at each mask under a memory budget")

@@ -71,7 +71,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=4, help="image-decoding processes per rank")
     p.add_argument("--image-size", type=int, default=None, help="input resolution (default: the recipe's)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                   help="autocast dtype; auto: bf16 on GPU, fp32 on CPU")
+                   help="autocast dtype; auto: bf16 on GPUs and on CPUs with native bf16, fp32 on other CPUs")
     p.add_argument("--seed", type=int, default=0, help="seed of masks (--mask-ratio) and the probe's split")
     p.add_argument("--json", default=None, help="write the result (metrics, settings, timings) here")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -136,6 +136,7 @@ def _open_session(args: argparse.Namespace) -> Session:
     from flip_ds.config_loader import check
     from flip_ds.distributed import detect_dist_env, init_distributed
     from flip_ds.loading import build_from, read_checkpoint
+    from flip_ds.precision import resolve_on_all_ranks
 
     started = time.perf_counter()
     denv = detect_dist_env()
@@ -144,14 +145,16 @@ def _open_session(args: argparse.Namespace) -> Session:
         device = torch.device(kind, denv.local_rank) if kind == "cuda" else torch.device("cpu")
     else:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    precision = resolve_on_all_ranks(args.precision, device.type)
+    if precision.warning and denv.rank == 0:
+        print(f"flip-ds: warning: {precision.warning}", file=sys.stderr)
     ckpt = read_checkpoint(args.checkpoint)
     model, tokenizer = build_from(ckpt, device)
     image_size = args.image_size or ckpt.recipe.model.resolved_image_size
     patch = ckpt.recipe.model.sizes.patch_size
     check(image_size % patch == 0, f"--image-size {image_size} is not a multiple of the patch size {patch}")
     return Session(model, tokenizer, ckpt.recipe, ckpt.meta, ckpt.source, device,
-                   torch.bfloat16 if precision == "bf16" else torch.float32, denv.rank, denv.world_size,
+                   precision.dtype, denv.rank, denv.world_size,
                    image_size, time.perf_counter() - started, started)
 
 
