@@ -30,6 +30,9 @@ from flip_ds.signals import StopRequest
 from flip_ds.step import contrastive_step, mask_seed
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by a signal after a complete checkpoint; requeue me
+# The recipe or the data is wrong, or the loss diverged: a rerun would fail the same way, so the
+# SLURM template never requeues it (any other failure, a crash or a hang, it does).
+EXIT_RECIPE_OR_DATA = 2
 CLIP_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(3, 1, 1)
 CLIP_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(3, 1, 1)
 
@@ -61,7 +64,7 @@ def train(recipe: Recipe) -> int:
         status = Trainer(recipe, denv, accum, device).run()
     except (ConfigError, DataError, NonFiniteError) as e:
         print(f"flip-ds: error (rank {denv.rank}): {e}", file=sys.stderr)
-        status = 2 if isinstance(e, ConfigError) else 1
+        status = EXIT_RECIPE_OR_DATA
     shutdown()
     return status
 
@@ -72,6 +75,10 @@ def _check_inputs(recipe: Recipe) -> None:
     if not Path(recipe.data.tokenizer).is_file():
         raise ConfigError(f"data.tokenizer: '{recipe.data.tokenizer}' does not exist (make one with "
                           "`flip-ds train-tokenizer`)")
+    try:
+        Tokenizer(recipe.data.tokenizer, recipe.model.context_length)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"data.tokenizer: {e}") from None
     if recipe.eval.sets:  # a wrong eval path fails now, not hours into the run
         from flip_ds.evaluation.runner import check_sets
 

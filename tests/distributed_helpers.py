@@ -69,3 +69,12 @@ def scalars(log_dir: Path, tag: str) -> dict[int, float]:
     acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
     acc.Reload()
     return {e.step: e.value for e in acc.Scalars(tag)}
+
+
+def texts(log_dir: Path, tag: str) -> list[str]:
+    """A TensorBoard text summary (`SummaryWriter.add_text`) read back from the event files."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir), size_guidance={"tensors": 0})
+    acc.Reload()
+    return [s.decode() for e in acc.Tensors(f"{tag}/text_summary") for s in e.tensor_proto.string_val]

@@ -55,8 +55,9 @@ RESOLVE = ("import json; from flip_ds.precision import cpu_bf16_slowdown, resolv
 
 
 def _resolve_in_subprocess(env: dict[str, str]) -> tuple[str, float]:
+    inherited = {k: v for k, v in os.environ.items() if k != "ONEDNN_MAX_CPU_ISA"}
     done = subprocess.run([sys.executable, "-c", RESOLVE], capture_output=True, text=True, cwd=REPO,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **env}, timeout=120)
+                          env={**inherited, "OMP_NUM_THREADS": "1", **env}, timeout=120)
     assert done.returncode == 0, done.stderr
     name, slowdown = json.loads(done.stdout)
     return name, slowdown

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from flip_ds.train import EXIT_PREEMPTED
-from tests.distributed_helpers import scalars, spawn_ranks, torchrun
+from flip_ds.train import EXIT_PREEMPTED, EXIT_RECIPE_OR_DATA
+from tests.distributed_helpers import scalars, spawn_ranks, texts, torchrun
 from tests.engine_helpers import ZERO3_PARTITION_ALL, write_json
 
 G = 16  # global batch: 8 per rank
@@ -81,6 +81,9 @@ def test_reference_run_writes_every_scalar_and_the_phase_switch(reference_run):
     assert lr[10 * G] < 0.05 * lr[3 * G]  # phase 0 decayed by cosine towards zero
     meta = json.loads((reference_run / "checkpoints" / "step_00000012" / "meta.json").read_text())
     assert meta["samples_seen"] == 12 * G and meta["phase"] == "unmasked_tuning"
+    # the precision and why: in meta.json and TensorBoard
+    assert meta["precision"] == "fp32" and meta["precision_reason"].startswith("fp32 as asked")
+    assert texts(tb, "run/precision") == [f"fp32: {meta['precision_reason']}"]
 
 
 def test_zero_stages_agree_in_fp32_and_resume_exactly(demo_shards, reference_run, tmp_path):
@@ -172,6 +175,29 @@ def test_sigusr1_then_a_second_signal_checkpoint_exit_75_and_resume(demo_shards,
     assert f"resumed from {out / 'checkpoints' / tag}" in done.stdout
 
 
+def test_a_stalled_rank_makes_the_others_exit_non_zero_within_the_comm_timeout(demo_shards, zero3_json, tmp_path):
+    """A rank that stops making progress (SIGSTOP: a hung GPU, a stuck file system) must not hold
+    the job: the other rank's next collective fails after train.comm_timeout_s and it exits."""
+    out = tmp_path / "stalled"
+    timeout_s = 5
+    procs = spawn_ranks(train_args(demo_shards, out, f"train.comm_timeout_s={timeout_s}", ds=zero3_json,
+                                   steps=(400, 2)))
+    try:
+        deadline = time.time() + 240
+        while _logged_steps(out) < 2:
+            assert time.time() < deadline and all(p.poll() is None for p in procs), "training did not start"
+            time.sleep(0.1)
+        procs[1].send_signal(signal.SIGSTOP)
+        stopped = time.time()
+        procs[0].communicate(timeout=timeout_s + 60)
+        waited = time.time() - stopped
+        assert procs[0].returncode not in (0, EXIT_PREEMPTED, EXIT_RECIPE_OR_DATA), procs[0].returncode
+        assert waited < timeout_s + 30, waited  # DeepSpeed's default timeout would have held it 10 minutes
+    finally:
+        procs[1].kill()
+        procs[1].communicate()
+
+
 def _logged_steps(out: Path) -> int:
     tb = out / "tensorboard"
     if not tb.is_dir() or not any(tb.iterdir()):
@@ -223,5 +249,5 @@ def test_a_rank_whose_shards_are_all_bad_neither_hangs_nor_is_silent(demo_shards
     out = tmp_path / "limited"
     procs = spawn_ranks(train_args(demo_shards, out, *common, "data.max_skip_rate=0.3", ds=zero3_json))
     results = wait_all(procs, timeout=240)
-    assert all(rc == 1 for rc, _ in results), results
+    assert all(rc == EXIT_RECIPE_OR_DATA for rc, _ in results), results  # not worth a requeue
     assert any(Path(b).name in text for b in bad for _, text in results), results

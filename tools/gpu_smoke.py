@@ -75,8 +75,9 @@ class Smoke:
         data = self.out / "data"
         masked, tuning = STEPS
         return ["train", "--config", "configs/tiny_cpu.yaml", f"output_dir={out}", "resume=auto",
-                f"data.train=[{{shards: '{data}/train/{{00000..00003}}.tar'}}]", f"data.tokenizer={data}/tokenizer.model",
-                "data.workers=2", "data.sample_shuffle=128", f"train.global_batch={BATCH}", f"train.micro_batch={BATCH}",
+                f"data.train=[{{shards: '{data}/train/{{00000..00003}}.tar'}}]",
+                f"data.tokenizer={data}/tokenizer.model", "data.workers=2", "data.sample_shuffle=128",
+                f"train.global_batch={BATCH}", f"train.micro_batch={BATCH}",
                 f"phases.0.samples={masked * BATCH}", f"phases.0.warmup_samples={2 * BATCH}",
                 f"phases.1.samples={tuning * BATCH}", "phases.1.warmup_samples=0",
                 f"checkpoint.every_samples={CHECKPOINT_EVERY * BATCH}", "logging.every_steps=1",
@@ -154,7 +155,8 @@ class Smoke:
                 "size = recipe.model.resolved_image_size\n"
                 "with torch.no_grad():\n"
                 "    image = model.encode_image(torch.rand(2, 3, size, size, device=device))\n"
-                "    text = model.encode_text(torch.from_numpy(tokenizer(['a red circle', 'a blue square'])).to(device))\n"
+                "    tokens = torch.from_numpy(tokenizer(['a red circle', 'a blue square'])).to(device)\n"
+                "    text = model.encode_text(tokens)\n"
                 "print(image.device, tuple(image.shape), float((image @ text.t()).abs().max()))")
         done = subprocess.run([sys.executable, "-c", code, str(model), self.device], capture_output=True, text=True,
                               cwd=REPO, timeout=self.sizes.timeout_s)
