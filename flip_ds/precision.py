@@ -83,17 +83,16 @@ def resolve_precision(requested: str, device: str, *, cuda_bf16: bool | None = N
         return Precision("fp32", "auto: this GPU has no bf16 support (pre-Ampere)")
     slowdown = cpu_bf16_slowdown() if cpu_slowdown is None else cpu_slowdown
     native = slowdown <= NATIVE_BF16_MAX_SLOWDOWN
-    measured = f"bf16 matmul measured at {slowdown:.2g}x fp32's time"
-    flags = ", ".join(cpu_bf16_flags()) or "no bf16 CPU flags"
+    measured = f"bf16 matmul measured at {slowdown:.2g}x fp32's time; CPU flags: {', '.join(cpu_bf16_flags()) or 'none'}"
     if requested == "auto":
         if native:
-            return Precision("bf16", f"auto: this CPU has native bf16 ({flags}; {measured})")
-        return Precision("fp32", f"auto: this CPU has no native bf16 ({flags}; {measured})")
+            return Precision("bf16", f"auto: this CPU computes bf16 natively ({measured})")
+        return Precision("fp32", f"auto: this CPU emulates bf16 ({measured})")
     warning = None
     if requested == "bf16" and not native:
-        warning = (f"bf16 on a CPU without native bf16 ({flags}): its matmuls are emulated, {slowdown:.0f}x slower "
-                   "than fp32 here; precision 'auto' (or fp32) trains much faster")
-    return Precision(requested, f"{requested} as asked ({flags}; {measured})", warning)
+        warning = (f"bf16 on a CPU without native bf16: its matmuls are emulated, {slowdown:.0f}x slower than fp32 "
+                   "here; precision 'auto' (or fp32) trains much faster")
+    return Precision(requested, f"{requested} as asked ({measured})", warning)
 
 
 def resolve_on_all_ranks(requested: str, device: str) -> Precision:
