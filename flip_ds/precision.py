@@ -83,7 +83,8 @@ def resolve_precision(requested: str, device: str, *, cuda_bf16: bool | None = N
         return Precision("fp32", "auto: this GPU has no bf16 support (pre-Ampere)")
     slowdown = cpu_bf16_slowdown() if cpu_slowdown is None else cpu_slowdown
     native = slowdown <= NATIVE_BF16_MAX_SLOWDOWN
-    measured = f"bf16 matmul measured at {slowdown:.2g}x fp32's time; CPU flags: {', '.join(cpu_bf16_flags()) or 'none'}"
+    flags = ", ".join(cpu_bf16_flags()) or "none"
+    measured = f"bf16 matmul measured at {slowdown:.2g}x fp32's time; CPU flags: {flags}"
     if requested == "auto":
         if native:
             return Precision("bf16", f"auto: this CPU computes bf16 natively ({measured})")
