@@ -9,13 +9,20 @@ Layout under OUTPUT_DIR/checkpoints (a DeepSpeed save_dir):
 
 A rank killed while saving leaves a TAG without meta.json that `latest` never names, so
 `resume=auto` cannot pick it; the next save of the same tag overwrites it.
+
+A run resumed on another number of ranks reads a universal copy of its checkpoint
+(OUTPUT_DIR/checkpoints_universal/TAG, made once by DeepSpeed's ds_to_universal), since ZeRO's
+optimizer shards are cut per rank.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +66,31 @@ def save(engine, root: Path, step: int, client_state: dict[str, Any], recipe: Re
 
 def is_complete(tag_dir: Path) -> bool:
     return (tag_dir / META).is_file()
+
+
+def read_meta(save_dir: Path, tag: str) -> dict[str, Any]:
+    return json.loads((save_dir / tag / META).read_text())
+
+
+def universal_copy(save_dir: Path, tag: str, rank: int) -> tuple[Path, str]:
+    """(save_dir, tag) of a world-size-independent copy of checkpoint `tag`, which every rank can
+    load whatever the world size it was saved on. Rank 0 converts (once: a finished conversion is
+    reused); every rank calls this (a collective)."""
+    root = save_dir.parent / f"{save_dir.name}_universal"
+    done = root / tag / ".complete"
+    if rank == 0 and not done.is_file():
+        from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+        shutil.rmtree(root / tag, ignore_errors=True)  # debris of an interrupted conversion
+        root.mkdir(parents=True, exist_ok=True)
+        args = argparse.Namespace(input_folder=str(save_dir / tag), output_folder=str(root / tag),
+                                  num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                  inject_missing_state=True)
+        with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed reports its progress with print()
+            ds_to_universal(args)
+        done.touch()
+    barrier()
+    return root, tag
 
 
 def find_resume(recipe: Recipe, root: Path) -> tuple[Path, str] | None:

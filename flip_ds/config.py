@@ -112,6 +112,9 @@ class LoggingConfig:
 class Recipe:
     output_dir: str = "runs/flip"  # checkpoints/, tensorboard/ and eval/ go below it
     resume: str = "auto"  # 'auto': newest complete checkpoint in output_dir, 'none', or a checkpoint path
+    # weights only (a checkpoint or an exported file) for a run that starts fresh: its own schedule,
+    # optimizer and data; ignored once the run has a checkpoint of its own to resume
+    init_from: str = ""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -20,11 +20,15 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, An
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def initialize(model: nn.Module, recipe: Recipe, accum_steps: int, device: str, precision: str):  # -> DeepSpeedEngine
-    """`precision`: 'bf16' or 'fp32', the recipe's choice resolved for the hardware (flip_ds.precision)."""
+def initialize(model: nn.Module, recipe: Recipe, accum_steps: int, device: str, precision: str,
+               load_universal: bool = False):  # -> DeepSpeedEngine
+    """`precision`: 'bf16' or 'fp32', the recipe's choice resolved for the hardware (flip_ds.precision).
+    `load_universal`: the checkpoint to be loaded is a universal one (saved on another world size)."""
     import deepspeed
 
     config = deepspeed_config(recipe, accum_steps, device, precision)
+    if load_universal:
+        config["checkpoint"] = {**config.get("checkpoint", {}), "load_universal": True}
     engine, *_ = deepspeed.initialize(model=model, model_parameters=parameter_groups(model, recipe.optim.weight_decay),
                                       config=config)
     return engine

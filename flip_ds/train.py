@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from flip_ds import checkpoint
@@ -49,6 +50,9 @@ class TrainState:
     phase: int = -1  # the phase the last step ran in (-1: none yet)
     nonfinite_skipped: int = 0
     data: dict[str, Any] | None = None  # this rank's data-stream position
+    # The data streams' seed: the recipe's, until a resume on another world size starts new
+    # streams, seeded by the samples seen then so that they do not replay the first ones.
+    data_seed: int | None = None
     eval: dict[str, Any] = field(default_factory=dict)
 
 
@@ -101,20 +105,23 @@ class Trainer:
         self.dtype = self.precision.dtype
         torch.manual_seed(recipe.train.seed)  # every rank builds the same initial weights
         model = build_model(recipe.model, self.tokenizer.vocab_size, pad_id=PAD_ID, eos_id=EOS_ID)
-        self.engine = ds_engine.initialize(model, recipe, accum, device, self.precision.name)
-        self.state = TrainState()
         resume = checkpoint.find_resume(recipe, self.ckpt_root)
+        if recipe.init_from and not resume:
+            self._init_weights(model, recipe.init_from)
+        saved_world = checkpoint.read_meta(*resume)["world_size"] if resume else denv.world_size
+        resharded = saved_world != denv.world_size
+        if resume and resharded:
+            resume = checkpoint.universal_copy(*resume, self.rank)
+        self.engine = ds_engine.initialize(model, recipe, accum, device, self.precision.name,
+                                           load_universal=resharded)
+        self.state = TrainState()
         if resume:
-            _, client = self.engine.load_checkpoint(str(resume[0]), tag=resume[1], load_lr_scheduler_states=False)
-            saved = client["flip_ds"]
-            self.state = TrainState(**{**saved, "data": saved["data"][self.rank]})
-            self.log(f"resumed from {resume[0] / resume[1]} at step {self.state.step} "
-                     f"({self.state.step * recipe.train.global_batch} samples)")
+            self.state = self._load(resume, saved_world)
         self.stream = TrainStream(recipe.data, tokenizer_file=recipe.data.tokenizer,
                                   context_length=recipe.model.context_length,
                                   image_size=recipe.model.resolved_image_size, batch_size=recipe.train.micro_batch,
-                                  seed=recipe.train.seed, rank=self.rank, world_size=denv.world_size,
-                                  state=self.state.data)
+                                  seed=recipe.train.seed if self.state.data_seed is None else self.state.data_seed,
+                                  rank=self.rank, world_size=denv.world_size, state=self.state.data)
         self.logger = TrainLogger(self.out / "tensorboard", self.rank)
         self.logger.text("run/precision", f"{self.precision.name}: {self.precision.reason}", 0)
         self.peak_tflops = device_peak_tflops(device, recipe.logging.peak_tflops)
@@ -188,6 +195,35 @@ class Trainer:
             self.logger.close()
 
     # -- pieces ---------------------------------------------------------------------------------
+    def _init_weights(self, model: torch.nn.Module, source: str) -> None:
+        from flip_ds.loading import read_checkpoint
+
+        ckpt = read_checkpoint(source)
+        try:
+            model.load_state_dict(ckpt.state_dict, strict=True)
+        except RuntimeError as e:  # another model or vocabulary
+            raise ConfigError(f"init_from: '{source}' does not fit this recipe's model "
+                              f"({self.recipe.model.name}, vocabulary {self.tokenizer.vocab_size}): "
+                              f"{' '.join(str(e).split())[:300]}") from None
+        self.log(f"initialised from the weights of {ckpt.source} ({ckpt.meta.get('samples_seen', '?')} samples "
+                 "seen there); a fresh schedule, optimizer and data stream")
+
+    def _load(self, resume: tuple[Path, str], saved_world: int) -> TrainState:
+        """Weights, optimizer and loop state from checkpoint `resume`. On another world size the
+        data streams start anew (the per-rank positions of the old ranks mean nothing here)."""
+        _, client = self.engine.load_checkpoint(str(resume[0]), tag=resume[1], load_lr_scheduler_states=False)
+        saved = client["flip_ds"]
+        state = TrainState(**{**saved, "data": saved["data"][self.rank] if saved_world == self.denv.world_size
+                              else None})
+        samples = state.step * self.recipe.train.global_batch
+        self.log(f"resumed from {resume[0] / resume[1]} at step {state.step} ({samples} samples)")
+        if saved_world != self.denv.world_size:
+            state.data_seed = int(np.random.SeedSequence([self.recipe.train.seed, samples]).generate_state(1)[0])
+            self.log(f"world size changed from {saved_world} to {self.denv.world_size} ranks: weights and optimizer "
+                     f"state resharded through DeepSpeed's universal checkpoint; new data streams from {samples} "
+                     f"samples on (data seed {state.data_seed}), the samples seen so far not replayed in order")
+        return state
+
     def _choose_precision(self) -> Precision:
         precision = resolve_on_all_ranks(self.recipe.train.precision, self.device)
         self.log(f"precision {precision.name} ({precision.reason})")

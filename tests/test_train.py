@@ -251,3 +251,52 @@ def test_a_rank_whose_shards_are_all_bad_neither_hangs_nor_is_silent(demo_shards
     results = wait_all(procs, timeout=240)
     assert all(rc == EXIT_RECIPE_OR_DATA for rc, _ in results), results  # not worth a requeue
     assert any(Path(b).name in text for b in bad for _, text in results), results
+
+
+def test_resume_on_one_rank_then_on_two_continues_from_the_saved_samples(demo_shards, zero3_json, tmp_path):
+    """A run saved on 2 ranks resumes on 1 and that one on 2 again (an allocation that came back
+    smaller, then larger): DeepSpeed's universal checkpoint reshards weights and Adam's state, the
+    data streams restart, and the run says so. With a high lr the temperature moves about 1% a step,
+    so it shows whether the weights came back: a fresh model would restart at 0.07."""
+    fast = ["train.precision=fp32", "optim.base_lr=0.05", f"checkpoint.every_samples={4 * G}",
+            f"checkpoint.milestones=[{4 * G}]"]
+    two = tmp_path / "two"
+    done = torchrun(train_args(demo_shards, two, *fast, ds=zero3_json, steps=(8, 1)))
+    assert done.returncode == 0, done.stdout + done.stderr
+    tau = scalars(two / "tensorboard", "train/temperature")
+    assert abs(tau[8 * G] - 0.07) > 0.005 * 0.07  # it moved
+    one = tmp_path / "one"
+    done = torchrun([*train_args(demo_shards, one, *fast, ds=zero3_json, steps=(8, 1)), f"train.micro_batch={G}",
+                     f"resume={two / 'checkpoints' / 'step_00000004'}"], nproc=1)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "world size changed from 2 to 1 ranks" in done.stdout
+    resumed = scalars(one / "tensorboard", "train/temperature")
+    assert sorted(resumed) == [5 * G, 6 * G, 7 * G, 8 * G, 9 * G]  # from the saved samples on
+    step = abs(tau[5 * G] - tau[4 * G])  # one update's move
+    assert abs(resumed[5 * G] - tau[5 * G]) < 2.5 * step < abs(tau[5 * G] - 0.07), (resumed, tau)
+    assert abs(losses(one)[8 * G] - losses(two)[8 * G]) < 0.5
+    back = tmp_path / "back"  # saved on 1 rank, resumed on 2 for the last step
+    done = torchrun([*train_args(demo_shards, back, *fast, ds=zero3_json, steps=(8, 1)),
+                     f"resume={one / 'checkpoints' / 'step_00000008'}"], nproc=2)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "world size changed from 1 to 2 ranks" in done.stdout
+    again = scalars(back / "tensorboard", "train/temperature")
+    assert sorted(again) == [9 * G]
+    assert abs(again[9 * G] - resumed[8 * G]) < 2.5 * step
+
+
+def test_init_from_starts_a_fresh_schedule_from_trained_weights(demo_shards, zero3_json, reference_run, tmp_path):
+    out = tmp_path / "init"
+    done = torchrun(train_args(demo_shards, out, "train.precision=fp32", f"init_from={reference_run}",
+                               ds=zero3_json, steps=(2, 1)))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "initialised from the weights of" in done.stdout and "resumed from" not in done.stdout
+    ref_tau, tau = (scalars(d / "tensorboard", "train/temperature") for d in (reference_run, out))
+    assert sorted(tau) == [G, 2 * G, 3 * G]  # samples start at 0 again
+    assert scalars(out / "tensorboard", "train/lr")[G] == scalars(reference_run / "tensorboard", "train/lr")[G]
+    trained_move = abs(ref_tau[12 * G] - 0.07)
+    assert abs(tau[G] - ref_tau[12 * G]) < 0.5 * trained_move  # the trained temperature, not 0.07
+    [(status, output)] = wait_all(spawn_ranks(train_args(demo_shards, tmp_path / "bad", "model.name=B/16",
+                                                         f"init_from={reference_run}", ds=zero3_json, steps=(2, 1)),
+                                              nproc=1))
+    assert status == 2 and "init_from: " in output and "does not fit this recipe's model (B/16" in output, output
