@@ -39,18 +39,28 @@ class TrainConfig:
         check(self.max_nonfinite_steps > 0, f"{prefix}.max_nonfinite_steps: must be > 0")
         check(self.comm_timeout_s > 0, f"{prefix}.comm_timeout_s: {self.comm_timeout_s} must be > 0")
 
-    def resolve_accum_steps(self, world_size: int) -> int:
-        """Micro batches per step so that global = micro x accum x world, or a ConfigError saying why not."""
-        per_step = self.micro_batch * world_size
+    def resolve_accum_steps(self, world_size: int, micro_batch: int | None = None) -> int:
+        """Micro batches per step so that global = micro x accum x world (`micro_batch`: a phase's
+        own, else train.micro_batch), or a ConfigError saying why not."""
+        micro = micro_batch or self.micro_batch
+        per_step = micro * world_size
         if self.accum_steps is not None:
             check(per_step * self.accum_steps == self.global_batch,
-                  f"train.global_batch: {self.global_batch} != micro_batch {self.micro_batch} x accum_steps "
+                  f"train.global_batch: {self.global_batch} != micro_batch {micro} x accum_steps "
                   f"{self.accum_steps} x world size {world_size} (= {per_step * self.accum_steps})")
             return self.accum_steps
         check(self.global_batch % per_step == 0,
-              f"train.global_batch: {self.global_batch} is not a multiple of micro_batch {self.micro_batch} x "
+              f"train.global_batch: {self.global_batch} is not a multiple of micro_batch {micro} x "
               f"world size {world_size} (= {per_step}); choose a global batch of k x {per_step}")
         return self.global_batch // per_step
+
+
+@dataclass(frozen=True)
+class BatchSplit:
+    """How one step's global batch is cut on each rank: `accum` micro batches of `micro` samples."""
+
+    micro: int
+    accum: int
 
 
 @dataclass
@@ -74,6 +84,9 @@ class PhaseConfig:
     samples: int  # length of the phase in samples seen
     mask_ratio: float = 0.5  # share of image patches dropped
     text_mask_ratio: float = 0.0
+    # samples per device per forward in this phase (a masked phase fits about twice the unmasked
+    # one in the same memory, and more per forward means fewer feature-cache re-forwards); None: train.micro_batch
+    micro_batch: int | None = None
     base_lr: float | None = None  # per 256 samples; None: optim.base_lr
     warmup_samples: int = 0  # linear warmup, then cosine to zero over the rest of the phase
     reset_optimizer: bool = False  # drop Adam's moments at the start of this phase (FLIP's unmasked tuning)
@@ -85,6 +98,7 @@ class PhaseConfig:
         check(0 <= self.warmup_samples <= self.samples,
               f"{prefix}.warmup_samples: {self.warmup_samples} must be in [0, samples={self.samples}]")
         check(self.base_lr is None or self.base_lr > 0, f"{prefix}.base_lr: {self.base_lr} must be > 0")
+        check(self.micro_batch is None or self.micro_batch > 0, f"{prefix}.micro_batch: {self.micro_batch} must be > 0")
 
 
 @dataclass
@@ -135,13 +149,18 @@ class Recipe:
     def total_samples(self) -> int:
         return sum(p.samples for p in self.phases)
 
-    def validate_world(self, world_size: int) -> int:
-        """Check the batch split for `world_size` ranks; returns the accumulation steps."""
-        accum = self.train.resolve_accum_steps(world_size)
+    def validate_world(self, world_size: int) -> list[BatchSplit]:
+        """Check the batch split for `world_size` ranks; returns each phase's."""
+        splits = []
         for i, phase in enumerate(self.phases):
             check(phase.samples >= self.train.global_batch,
                   f"phases.{i}.samples: {phase.samples} is less than one global batch ({self.train.global_batch})")
-        return accum
+            check(phase.micro_batch is None or self.train.accum_steps is None,
+                  f"phases.{i}.micro_batch: a phase's own micro batch needs derived accumulation "
+                  "(train.accum_steps: null)")
+            micro = phase.micro_batch or self.train.micro_batch
+            splits.append(BatchSplit(micro, self.train.resolve_accum_steps(world_size, micro)))
+        return splits
 
 
 def load_recipe(path: str | None, overrides: list[str] | None = None) -> Recipe:

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from flip_ds.config import Recipe
+from flip_ds.config import BatchSplit, Recipe
 from flip_ds.engine_config import deepspeed_config
 from flip_ds.models.flip import no_weight_decay
 
@@ -20,18 +20,26 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, An
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def initialize(model: nn.Module, recipe: Recipe, accum_steps: int, device: str, precision: str,
+def initialize(model: nn.Module, recipe: Recipe, split: BatchSplit, device: str, precision: str,
                load_universal: bool = False):  # -> DeepSpeedEngine
-    """`precision`: 'bf16' or 'fp32', the recipe's choice resolved for the hardware (flip_ds.precision).
+    """`split`: the first step's micro batch and accumulation (set_batch_split changes them).
+    `precision`: 'bf16' or 'fp32', the recipe's choice resolved for the hardware (flip_ds.precision).
     `load_universal`: the checkpoint to be loaded is a universal one (saved on another world size)."""
     import deepspeed
 
-    config = deepspeed_config(recipe, accum_steps, device, precision)
+    config = deepspeed_config(recipe, split, device, precision)
     if load_universal:
         config["checkpoint"] = {**config.get("checkpoint", {}), "load_universal": True}
     engine, *_ = deepspeed.initialize(model=model, model_parameters=parameter_groups(model, recipe.optim.weight_decay),
                                       config=config)
     return engine
+
+
+def set_batch_split(engine, split: BatchSplit, global_batch: int) -> None:
+    """A phase's own micro batch and accumulation (DeepSpeed counts micro steps to the boundary)."""
+    engine.set_train_micro_batch_size(split.micro)
+    engine.set_train_batch_size(global_batch)
+    engine.optimizer.gradient_accumulation_steps = split.accum
 
 
 def set_lr(engine, lr: float) -> None:

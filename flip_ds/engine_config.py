@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from flip_ds.config import Recipe
+from flip_ds.config import BatchSplit, Recipe
 from flip_ds.config_loader import ConfigError, check
 
 # Fields the engine derives from the recipe and the world size. A DeepSpeed JSON that sets them
@@ -45,7 +45,7 @@ def load_engine_json(path: str) -> dict[str, Any]:
     return config
 
 
-def deepspeed_config(recipe: Recipe, accum_steps: int, device: str, precision: str) -> dict[str, Any]:
+def deepspeed_config(recipe: Recipe, split: BatchSplit, device: str, precision: str) -> dict[str, Any]:
     """The engine JSON plus the fields derived from the recipe; `precision` is the recipe's,
     resolved for the hardware ('bf16' or 'fp32', see flip_ds.precision).
 
@@ -54,8 +54,8 @@ def deepspeed_config(recipe: Recipe, accum_steps: int, device: str, precision: s
     last one.
     """
     config = load_engine_json(recipe.train.deepspeed)
-    config["train_micro_batch_size_per_gpu"] = recipe.train.micro_batch
-    config["gradient_accumulation_steps"] = accum_steps
+    config["train_micro_batch_size_per_gpu"] = split.micro
+    config["gradient_accumulation_steps"] = split.accum
     config["train_batch_size"] = recipe.train.global_batch
     # DeepSpeed's bf16 overflow check stays on although it costs a pass over the gradients: under
     # ZeRO-1/2 it is also what skips an update whose gradients are non-finite while the loss is finite
@@ -73,8 +73,8 @@ def deepspeed_config(recipe: Recipe, accum_steps: int, device: str, precision: s
     return config
 
 
-def validate_for_launch(recipe: Recipe, world_size: int) -> int:
-    """Everything checkable before a process group exists; returns the accumulation steps."""
-    accum = recipe.validate_world(world_size)
+def validate_for_launch(recipe: Recipe, world_size: int) -> list[BatchSplit]:
+    """Everything checkable before a process group exists; returns each phase's batch split."""
+    splits = recipe.validate_world(world_size)
     load_engine_json(recipe.train.deepspeed)
-    return accum
+    return splits

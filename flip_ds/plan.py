@@ -351,8 +351,8 @@ def plan(recipe: Recipe, cluster: Cluster, vocab_size: int, recipe_name: str = "
         train_flops = flops_per_sample(recipe.model, ph.mask_ratio).train
         phases.append(PhaseCost(
             ph.name, ph.mask_ratio, samples, train_flops / 1e9,
-            activations(recipe.model, micro, ph.mask_ratio, precision, rows, g, True),
-            activations(recipe.model, micro, ph.mask_ratio, precision, rows, g, False),
+            activations(recipe.model, ph.micro_batch or micro, ph.mask_ratio, precision, rows, g, True),
+            activations(recipe.model, ph.micro_batch or micro, ph.mask_ratio, precision, rows, g, False),
             samples * train_flops / per_second / 3600))
 
     budget = cluster.gpu_mem_gib * GIB - states.total - zero.bucket_bytes(precision) - cluster.reserve_gib * GIB

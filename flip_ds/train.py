@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 import warnings
@@ -15,7 +16,7 @@ import torch
 
 from flip_ds import checkpoint
 from flip_ds import engine as ds_engine
-from flip_ds.config import Recipe
+from flip_ds.config import BatchSplit, Recipe
 from flip_ds.config_loader import ConfigError
 from flip_ds.data.pipeline import DataError, TrainStream
 from flip_ds.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
@@ -58,14 +59,14 @@ class TrainState:
 
 def train(recipe: Recipe) -> int:
     denv = detect_dist_env()
-    accum = validate_for_launch(recipe, denv.world_size)
+    splits = validate_for_launch(recipe, denv.world_size)
     # DeepSpeed's ZeRO still calls collectives that torch 2.13+ deprecates, on every step
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)`",
                             category=FutureWarning)
     _check_inputs(recipe)
     device = init_distributed(denv, recipe.train.comm_timeout_s)
     try:
-        status = Trainer(recipe, denv, accum, device).run()
+        status = Trainer(recipe, denv, splits, device).run()
     except (ConfigError, DataError, NonFiniteError) as e:
         print(f"flip-ds: error (rank {denv.rank}): {e}", file=sys.stderr)
         status = EXIT_RECIPE_OR_DATA
@@ -94,8 +95,10 @@ class NonFiniteError(RuntimeError):
 
 
 class Trainer:
-    def __init__(self, recipe: Recipe, denv: DistEnv, accum: int, device: str) -> None:
-        self.recipe, self.denv, self.accum, self.device = recipe, denv, accum, device
+    def __init__(self, recipe: Recipe, denv: DistEnv, splits: list[BatchSplit], device: str) -> None:
+        self.recipe, self.denv, self.splits, self.device = recipe, denv, splits, device
+        # The stream's batch: every phase's micro batch is a whole number of them
+        self.unit = math.gcd(*(s.micro for s in splits))
         self.rank = denv.rank
         self.out = Path(recipe.output_dir)
         self.ckpt_root = self.out / "checkpoints"
@@ -112,14 +115,15 @@ class Trainer:
         resharded = saved_world != denv.world_size
         if resume and resharded:
             resume = checkpoint.universal_copy(*resume, self.rank)
-        self.engine = ds_engine.initialize(model, recipe, accum, device, self.precision.name,
+        self.split = splits[0]  # the engine's micro batch and accumulation now
+        self.engine = ds_engine.initialize(model, recipe, self.split, device, self.precision.name,
                                            load_universal=resharded)
         self.state = TrainState()
         if resume:
             self.state = self._load(resume, saved_world)
         self.stream = TrainStream(recipe.data, tokenizer_file=recipe.data.tokenizer,
                                   context_length=recipe.model.context_length,
-                                  image_size=recipe.model.resolved_image_size, batch_size=recipe.train.micro_batch,
+                                  image_size=recipe.model.resolved_image_size, batch_size=self.unit,
                                   seed=recipe.train.seed if self.state.data_seed is None else self.state.data_seed,
                                   rank=self.rank, world_size=denv.world_size, state=self.state.data)
         self.logger = TrainLogger(self.out / "tensorboard", self.rank)
@@ -137,18 +141,23 @@ class Trainer:
         last_saved = self.state.step if self.state.step > 0 else -1
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
+        cut = " or ".join(dict.fromkeys(f"{s.micro} x {s.accum} accum" for s in self.splits))
         self.log(f"training {r.model.name} on {self.denv.world_size} rank(s) ({self.device}, {self.precision.name}): "
-                 f"global batch {g} = {r.train.micro_batch} x {self.accum} accum x {self.denv.world_size}; "
+                 f"global batch {g} = {cut} x {self.denv.world_size}; "
                  f"{self.plan.total_steps} steps, {len(self.plan.spans)} phase(s)")
         try:
             for step in range(self.state.step, self.plan.total_steps):
                 span = self.plan.span_at(step)
+                split = self.splits[span.index]
+                if split != self.split:  # a phase with its own micro batch
+                    ds_engine.set_batch_split(self.engine, split, g)
+                    self.split = split
                 data_state = self.stream.state_dict()  # position before this step's batches
                 watch.lap("other")
                 try:
-                    micro, data_error = [self._to_device(next(batches)) for _ in range(self.accum)], None
+                    micro, data_error = self._micro_batches(batches, split), None
                 except DataError as e:  # this rank's data failed; the others learn it at the step's agreement
-                    micro, data_error = self._placeholder_batches(), e
+                    micro, data_error = self._placeholder_batches(split), e
                 watch.lap("data_wait")
                 if span.index != self.state.phase:
                     self._start_phase(span, step, micro[0][0])
@@ -231,26 +240,36 @@ class Trainer:
             print(f"[flip-ds] warning: {precision.warning}", file=sys.stderr, flush=True)
         return precision
 
-    def _to_device(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        images = batch.images.to(self.device, dtype=self.dtype, non_blocking=True)
-        return images, batch.tokens.to(self.device, non_blocking=True)
+    def _micro_batches(self, batches, split: BatchSplit) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's share of one step: `split.accum` micro batches, each of whole stream batches."""
+        per_micro = split.micro // self.unit
+        out = []
+        for _ in range(split.accum):
+            parts = [next(batches) for _ in range(per_micro)]
+            images = torch.cat([p.images for p in parts]) if per_micro > 1 else parts[0].images
+            tokens = torch.cat([p.tokens for p in parts]) if per_micro > 1 else parts[0].tokens
+            out.append((images.to(self.device, dtype=self.dtype, non_blocking=True),
+                        tokens.to(self.device, non_blocking=True)))
+        return out
 
-    def _placeholder_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _placeholder_batches(self, split: BatchSplit) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Stand-in batches for a rank whose data failed: it takes part in the step's collectives
         (forward included) so that every rank reaches the agreement that aborts the run."""
-        size, micro = self.recipe.model.resolved_image_size, self.recipe.train.micro_batch
-        images = torch.zeros(micro, 3, size, size, device=self.device, dtype=self.dtype)
-        tokens = torch.full((micro, self.recipe.model.context_length), PAD_ID, device=self.device)
+        size = self.recipe.model.resolved_image_size
+        images = torch.zeros(split.micro, 3, size, size, device=self.device, dtype=self.dtype)
+        tokens = torch.full((split.micro, self.recipe.model.context_length), PAD_ID, device=self.device)
         tokens[:, 0], tokens[:, 1] = BOS_ID, EOS_ID
-        return [(images, tokens)] * self.accum
+        return [(images, tokens)] * split.accum
 
     def _start_phase(self, span: PhaseSpan, step: int, images: torch.Tensor) -> None:
         samples = step * self.recipe.train.global_batch
         reset = span.phase.reset_optimizer and step == span.first_step and self.state.phase >= 0
         if reset:
             ds_engine.reset_optimizer_state(self.engine)
+        split = self.splits[span.index]
         self.log(f"phase {span.index} '{span.phase.name}' starts at step {step} ({samples} samples): mask "
-                 f"{span.phase.mask_ratio}, peak lr {span.peak_lr:.3g}, {span.steps} steps"
+                 f"{span.phase.mask_ratio}, micro batch {split.micro} x {split.accum} accum, peak lr "
+                 f"{span.peak_lr:.3g}, {span.steps} steps"
                  + (", optimizer state reset" if reset else ""))
         self.logger.text("train/phase", f"{span.phase.name} from step {step}", samples)
         if self.recipe.logging.masked_image_grid:

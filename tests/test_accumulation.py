@@ -5,6 +5,7 @@ from __future__ import annotations
 import deepspeed
 import torch
 
+from flip_ds.config import BatchSplit
 from flip_ds.engine import initialize
 from flip_ds.metrics import Stopwatch
 from flip_ds.models.flip import build_model
@@ -23,7 +24,7 @@ def one_step(tmp, rank: int, k: int):
                          "model.activation_checkpointing=true")
     torch.manual_seed(0)
     model = build_model(recipe.model, vocab_size=100)
-    engine = initialize(model, recipe, accum_steps=k, device="cpu", precision="fp32")
+    engine = initialize(model, recipe, BatchSplit(PER_RANK // k, k), device="cpu", precision="fp32")
     for group in engine.optimizer.param_groups:
         group["lr"] = 1000.0  # with eps 1000 the update is about the gradient itself
     params = [p for p in engine.module.parameters() if p.requires_grad]

@@ -9,7 +9,7 @@ import deepspeed
 import pytest
 import torch
 
-from flip_ds.config import load_recipe
+from flip_ds.config import BatchSplit, load_recipe
 from flip_ds.engine import initialize, reset_optimizer_state
 from flip_ds.memory import saved_activation_bytes
 from flip_ds.metrics import Stopwatch
@@ -24,8 +24,8 @@ from tests.engine_helpers import synthetic_batches, tiny_recipe
 def _engine(tmp, *overrides):
     recipe = tiny_recipe(tmp, "train.global_batch=16", "train.micro_batch=8", *overrides)
     torch.manual_seed(0)
-    return initialize(build_model(recipe.model, vocab_size=100), recipe, accum_steps=1, device="cpu",
-                      precision=recipe.train.precision)
+    return initialize(build_model(recipe.model, vocab_size=100), recipe, BatchSplit(recipe.train.micro_batch, 1),
+                      device="cpu", precision=recipe.train.precision)
 
 
 def _step(engine, rank, step, images=None):
@@ -63,8 +63,8 @@ def _clipping_check(rank: int, world: int, tmp) -> None:
         for clip in (0.0, 0.5):
             recipe = tiny_recipe(tmp / f"r{rank}-{clip}-{zero is None}", "train.global_batch=16", "train.micro_batch=8",
                                  "train.precision=bf16", f"optim.grad_clip={clip}", zero=zero)
-            engine = initialize(build_model(recipe.model, vocab_size=100), recipe, accum_steps=1, device="cpu",
-                                precision=recipe.train.precision)
+            engine = initialize(build_model(recipe.model, vocab_size=100), recipe,
+                                BatchSplit(recipe.train.micro_batch, 1), device="cpu", precision=recipe.train.precision)
             assert engine.optimizer.clip_grad == clip  # DeepSpeed >= 0.19 clips at 1.0 unless told otherwise
             assert _step(engine, rank, 0).stepped
             engine.destroy()
@@ -78,8 +78,8 @@ def _nan_gradient_check(rank: int, world: int, tmp) -> None:
     recipe = tiny_recipe(tmp / f"r{rank}", "train.global_batch=16", "train.micro_batch=8", "train.precision=bf16",
                          zero=ZERO2)
     torch.manual_seed(0)
-    engine = initialize(build_model(recipe.model, vocab_size=100), recipe, accum_steps=1, device="cpu",
-                        precision=recipe.train.precision)
+    engine = initialize(build_model(recipe.model, vocab_size=100), recipe, BatchSplit(recipe.train.micro_batch, 1),
+                        device="cpu", precision=recipe.train.precision)
     before = [p.detach().clone() for p in engine.module.parameters()]
     if rank == 0:  # a finite loss whose gradient is not: only DeepSpeed's overflow check can catch it
         engine.module.visual.patch_embed.proj.weight.register_hook(lambda g: torch.full_like(g, float("nan")))

@@ -300,3 +300,21 @@ def test_init_from_starts_a_fresh_schedule_from_trained_weights(demo_shards, zer
                                                          f"init_from={reference_run}", ds=zero3_json, steps=(2, 1)),
                                               nproc=1))
     assert status == 2 and "init_from: " in output and "does not fit this recipe's model (B/16" in output, output
+
+
+def test_a_phase_with_its_own_micro_batch_changes_the_accumulation_and_matches_one_big_batch(demo_shards,
+                                                                                            zero3_json, tmp_path):
+    """Phase 0 in micro batches of 4 (2 feature-cache micro batches a step on each of 2 ranks),
+    phase 1 in the recipe's 8 (no accumulation); unmasked, so the masks do not depend on the cut:
+    every loss equals the run with micro batch 8 throughout."""
+    common = ["train.precision=fp32", "phases.0.mask_ratio=0.0", "data.sample_shuffle=64"]
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    for out, extra in ((whole, []), (cut, ["phases.0.micro_batch=4"])):
+        done = torchrun(train_args(demo_shards, out, *common, *extra, ds=zero3_json, steps=(3, 2)))
+        assert done.returncode == 0, done.stdout + done.stderr
+    assert "global batch 16 = 4 x 2 accum or 8 x 1 accum x 2" in done.stdout
+    assert "micro batch 4 x 2 accum" in done.stdout and "micro batch 8 x 1 accum" in done.stdout
+    reference, ours = losses(whole), losses(cut)
+    assert sorted(ours) == sorted(reference) == [s * G for s in range(1, 6)]
+    for samples, loss in reference.items():
+        assert ours[samples] == pytest.approx(loss, abs=1e-5), samples

@@ -7,7 +7,7 @@ import torch
 from flip_ds.bench.cases import synchronize, timed
 from flip_ds.bench.footprint import current_and_peak, held_bytes, reset_peak
 from flip_ds.bench.synthetic import synthetic_batch
-from flip_ds.config import Recipe, TrainConfig
+from flip_ds.config import BatchSplit, Recipe, TrainConfig
 from flip_ds.data.tokenizer import EOS_ID, PAD_ID
 from flip_ds.engine import initialize, set_lr
 from flip_ds.memory import saved_activation_bytes
@@ -35,8 +35,8 @@ class FlipEngine:
                                                        precision=precision, deepspeed=f"ds_configs/zero{stage}.json"))
         held_before = held_bytes(device)
         torch.manual_seed(0)  # every rank builds the same weights
-        self.engine = initialize(build_model(model, vocab_size, pad_id=PAD_ID, eos_id=EOS_ID), recipe, 1, device,
-                                 precision)
+        self.engine = initialize(build_model(model, vocab_size, pad_id=PAD_ID, eos_id=EOS_ID), recipe,
+                                 BatchSplit(batch, 1), device, precision)
         set_lr(self.engine, BENCH_LR)
         self.images, self.tokens = self.batch_of(batch)
         self.step_count = 0

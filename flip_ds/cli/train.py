@@ -31,12 +31,14 @@ def run(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.config, args.overrides)
     world = args.world_size or world_size_from_env()
-    accum = validate_for_launch(recipe, world)
+    splits = validate_for_launch(recipe, world)
     if args.dry_run:
         import yaml
 
         print(yaml.safe_dump(to_dict(recipe), sort_keys=False).rstrip())
-        print(f"# world size {world}: {recipe.train.micro_batch} per device x {accum} accumulation x {world} ranks "
+        cut = [f"{s.micro} per device x {s.accum} accumulation" for s in splits]
+        per_phase = cut[0] if len(set(cut)) == 1 else "; ".join(f"{p.name} {c}" for p, c in zip(recipe.phases, cut))
+        print(f"# world size {world}: {per_phase} x {world} ranks "
               f"= global batch {recipe.train.global_batch}; {recipe.total_samples} samples in "
               f"{len(recipe.phases)} phase(s)")
         return 0
