@@ -229,8 +229,9 @@ class Trainer:
         if saved_world != self.denv.world_size:
             state.data_seed = int(np.random.SeedSequence([self.recipe.train.seed, samples]).generate_state(1)[0])
             self.log(f"world size changed from {saved_world} to {self.denv.world_size} ranks: weights and optimizer "
-                     f"state resharded through DeepSpeed's universal checkpoint; new data streams from {samples} "
-                     f"samples on (data seed {state.data_seed}), the samples seen so far not replayed in order")
+                     f"state resharded through DeepSpeed's universal checkpoint; the data streams start anew, "
+                     f"seeded by the {samples} samples seen (data seed {state.data_seed}), so the sample order "
+                     "differs from an uninterrupted run's")
         return state
 
     def _choose_precision(self) -> Precision:
