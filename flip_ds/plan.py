@@ -13,8 +13,7 @@ buckets + a fixed reserve:
 - The contrastive loss scores this rank's global/world rows against all global columns in fp32,
   whatever the micro batch (feature-cache accumulation keeps every negative).
 
-Time is model FLOPs (flip_ds.models.flops, 3x the forward: activation recomputation and the
-feature cache's extra forward are not model FLOPs) over peak x MFU.
+Time is flip_ds.cost's: compute, communication and the overheads around the steps, as a range.
 """
 
 from __future__ import annotations
@@ -25,13 +24,13 @@ from pathlib import Path
 
 from flip_ds.config import Recipe
 from flip_ds.config_loader import check
+from flip_ds.cost import Clock, Setting, clock
 from flip_ds.engine_config import load_engine_json
 from flip_ds.models.config import ModelConfig
 from flip_ds.models.flops import flops_per_sample
 from flip_ds.schedule import PhasePlan
 
 GIB = 2**30
-H100_BF16_TFLOPS = 989.0  # dense bf16 peak of an H100 SXM (the H200's matmul units are the same)
 
 
 @dataclass(frozen=True)
@@ -39,16 +38,12 @@ class Cluster:
     gpus: int
     gpu_mem_gib: float
     gpus_per_node: int = 8
-    peak_tflops: float = H100_BF16_TFLOPS
-    mfu: float = 0.4
     reserve_gib: float = 4.0  # CUDA context, NCCL buffers, allocator fragmentation
 
     def validate(self) -> None:
         check(self.gpus >= 1, f"--gpus: {self.gpus} must be >= 1")
         check(self.gpus_per_node >= 1, f"--gpus-per-node: {self.gpus_per_node} must be >= 1")
         check(self.gpu_mem_gib > 0, f"--gpu-mem: {self.gpu_mem_gib} must be > 0")
-        check(self.peak_tflops > 0, f"--tflops: {self.peak_tflops} must be > 0")
-        check(0 < self.mfu <= 1, f"--mfu: {self.mfu} must be in (0, 1]")
         check(self.reserve_gib >= 0, f"--reserve: {self.reserve_gib} must be >= 0")
 
     @property
@@ -254,7 +249,6 @@ class PhaseCost:
     train_gflops_per_sample: float
     activations_checkpointing: Activations
     activations_no_checkpointing: Activations
-    hours: float
 
 
 @dataclass(frozen=True)
@@ -275,6 +269,8 @@ class Plan:
     phases: list[PhaseCost]
     max_micro_batch: int  # 0: not even one sample fits
     max_micro_accum: int | None
+    setting: Setting
+    clock: Clock
 
     @property
     def rows(self) -> int:
@@ -298,17 +294,18 @@ class Plan:
         return self.accum_steps is not None and self.peak_bytes <= self.cluster.gpu_mem_gib * GIB
 
     @property
-    def hours(self) -> float:
-        return sum(p.hours for p in self.phases)
+    def hours(self) -> tuple[float, float]:
+        """(slow, fast) wall-clock."""
+        return self.clock.hours
 
     @property
-    def gpu_hours(self) -> float:
-        return self.hours * self.cluster.gpus
+    def gpu_hours(self) -> tuple[float, float]:
+        return self.hours[0] * self.cluster.gpus, self.hours[1] * self.cluster.gpus
 
     def to_dict(self) -> dict:
         data = asdict(self)
         data.update(rows_per_gpu=self.rows, peak_gib=self.peak_bytes / GIB, fits=self.fits, hours=self.hours,
-                    days=self.hours / 24, gpu_hours=self.gpu_hours,
+                    days=[h / 24 for h in self.hours], gpu_hours=self.gpu_hours,
                     model_states_gib={"params": self.states.params / GIB, "grads": self.states.grads / GIB,
                                       "optimizer": self.states.optimizer / GIB,
                                       "cpu_per_node": self.states.cpu_per_node / GIB})
@@ -329,8 +326,9 @@ def vocab_size_of(recipe: Recipe, default: int) -> int:
     return default
 
 
-def plan(recipe: Recipe, cluster: Cluster, vocab_size: int, recipe_name: str = "") -> Plan:
+def plan(recipe: Recipe, cluster: Cluster, setting: Setting, vocab_size: int, recipe_name: str = "") -> Plan:
     cluster.validate()
+    setting.validate()
     g, world = recipe.train.global_batch, cluster.gpus
     check(g % world == 0, f"train.global_batch: {g} does not split over {world} GPUs; choose a multiple of {world}")
     rows = g // world
@@ -340,7 +338,6 @@ def plan(recipe: Recipe, cluster: Cluster, vocab_size: int, recipe_name: str = "
     total, largest = parameter_counts(recipe.model, vocab_size)
     states = model_states(total, largest, zero, precision, world, cluster.gpus_per_node)
     spans = PhasePlan(recipe.phases, recipe.optim, g).spans
-    per_second = cluster.gpus * cluster.peak_tflops * 1e12 * cluster.mfu
     micro = recipe.train.micro_batch
     ckpt = recipe.model.activation_checkpointing
 
@@ -352,18 +349,19 @@ def plan(recipe: Recipe, cluster: Cluster, vocab_size: int, recipe_name: str = "
         phases.append(PhaseCost(
             ph.name, ph.mask_ratio, samples, train_flops / 1e9,
             activations(recipe.model, ph.micro_batch or micro, ph.mask_ratio, precision, rows, g, True),
-            activations(recipe.model, ph.micro_batch or micro, ph.mask_ratio, precision, rows, g, False),
-            samples * train_flops / per_second / 3600))
+            activations(recipe.model, ph.micro_batch or micro, ph.mask_ratio, precision, rows, g, False)))
 
     budget = cluster.gpu_mem_gib * GIB - states.total - zero.bucket_bytes(precision) - cluster.reserve_gib * GIB
     worst_mask = min(p.mask_ratio for p in phases)  # fewest patches dropped: the most tokens
     max_micro = next((m for m in _divisors_descending(rows)
                       if activations(recipe.model, m, worst_mask, precision, rows, g, ckpt).peak <= budget), 0)
+    accums = [math.ceil(rows / (ph.micro_batch or micro)) for ph in recipe.phases]
     return Plan(recipe=recipe_name, model=recipe.model.name, params=total, largest_layer_params=largest,
                 vocab_size=vocab_size, zero=zero, precision=precision, cluster=cluster, global_batch=g,
                 micro_batch=micro, accum_steps=rows // micro if rows % micro == 0 else None, checkpointing=ckpt,
                 states=states, phases=phases, max_micro_batch=max_micro,
-                max_micro_accum=rows // max_micro if max_micro else None)
+                max_micro_accum=rows // max_micro if max_micro else None, setting=setting,
+                clock=clock(recipe, setting, cluster.gpus, cluster.gpus_per_node, total, accums, precision))
 
 
 def _gib(x: float) -> str:
@@ -412,18 +410,35 @@ def format_plan(p: Plan) -> str:
     lines.append("")
     row("train GFLOPs per sample", [f"{ph.train_gflops_per_sample:.1f}" for ph in p.phases])
     row("samples", [_count(ph.samples) for ph in p.phases])
-    row(f"hours at {c.mfu:.0%} MFU of {c.peak_tflops:g} TFLOP/s", [f"{ph.hours:,.1f}" for ph in p.phases])
-    per_gpu = [ph.samples / (ph.hours * 3600) / c.gpus for ph in p.phases]
-    row("samples/s per GPU", [f"{v:,.0f}" for v in per_gpu])
+    t, s = p.clock, p.setting
+    low, high = s.mfu
+    row("steps", [f"{ph.steps:,}" for ph in t.phases])
+    row(f"compute s/step at {high:.1%}-{low:.1%} MFU", [f"{ph.compute_s[1]:.2f}-{ph.compute_s[0]:.2f}"
+                                                        for ph in t.phases])
+    row("GB sent per GPU per step", [f"{sum(ph.bytes_sent.values()) / 1e9:.2f}" for ph in t.phases])
+    bandwidth = s.bandwidth(c.gpus, c.gpus_per_node) / 1e9
+    row(f"communication s/step at {bandwidth:g} GB/s", [f"{ph.communication_s:.2f}" for ph in t.phases])
+    row("samples/s per GPU", [f"{ph.steps * p.global_batch / (ph.hours[0] * 3600) / c.gpus:,.0f}-"
+                              f"{ph.steps * p.global_batch / (ph.hours[1] * 3600) / c.gpus:,.0f}" for ph in t.phases])
+    row("hours", [f"{ph.hours[1]:,.1f}-{ph.hours[0]:,.1f}" for ph in t.phases])
     if p.states.cpu_per_node:
         lines.append(f"offloaded optimizer per node (host memory): {_gib(p.states.cpu_per_node)} GiB")
+    fast, slow = t.overheads[1], t.overheads[0]
     fit = "yes" if p.fits else "NO"
     lines += ["",
               f"fits in {c.gpu_mem_gib:g} GiB: {fit} (peak {_gib(p.peak_bytes)} GiB at micro batch {p.micro_batch}, "
               f"checkpointing {'on' if p.checkpointing else 'off'})",
               "largest micro batch that fits: " + (f"{p.max_micro_batch} (accum {p.max_micro_accum})"
                                                   if p.max_micro_batch else "none: not even 1 sample per GPU"),
-              f"wall-clock: {p.hours / 24:,.1f} days ({p.hours:,.0f} h), {p.gpu_hours:,.0f} GPU-hours "
-              f"at {c.mfu:.0%} MFU (model FLOPs; recomputation and the feature cache's extra forward lower "
-              f"the MFU you will see)"]
+              "",
+              f"around the steps: {t.evaluations} evaluation(s) {fast.eval_hours:.2f}-{slow.eval_hours:.2f} h; "
+              f"{t.checkpoints} checkpoint write(s) {slow.checkpoint_hours:.2f} h at {s.checkpoint_write_gbps:g} GB/s; "
+              f"{fast.time_limit_restarts}-{slow.time_limit_restarts} restart(s) at the {s.job_hours:g} h limit and "
+              f"{fast.failures:.1f}-{slow.failures:.1f} failure(s) expected, {fast.restart_hours:.1f}-"
+              f"{slow.restart_hours:.1f} h",
+              f"wall-clock: {p.hours[1] / 24:,.1f}-{p.hours[0] / 24:,.1f} days "
+              f"({p.hours[1]:,.0f}-{p.hours[0]:,.0f} h), "
+              f"{p.gpu_hours[1]:,.0f}-{p.gpu_hours[0]:,.0f} GPU-hours: the fast end at {high:.1%} MFU with all "
+              f"communication hidden, the slow end at {low:.1%} with none (docs/planner.md says where each "
+              "figure comes from)"]
     return "\n".join(head + lines)
