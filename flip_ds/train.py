@@ -20,6 +20,7 @@ from flip_ds.config import BatchSplit, Recipe
 from flip_ds.config_loader import ConfigError
 from flip_ds.data.pipeline import DataError, TrainStream
 from flip_ds.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
+from flip_ds.data.transforms import denormalize, normalize
 from flip_ds.distributed import DistEnv, all_gather_object, all_reduce, detect_dist_env, init_distributed, shutdown
 from flip_ds.engine_config import validate_for_launch
 from flip_ds.metrics import Stopwatch, TrainLogger, device_peak_tflops, format_eta, peak_memory_bytes
@@ -35,8 +36,6 @@ EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by a signal after a complete checkpo
 # The recipe or the data is wrong, or the loss diverged: a rerun would fail the same way, so the
 # SLURM template never requeues it (any other failure, a crash or a hang, it does).
 EXIT_RECIPE_OR_DATA = 2
-CLIP_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(3, 1, 1)
-CLIP_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(3, 1, 1)
 
 
 @dataclass
@@ -249,8 +248,8 @@ class Trainer:
             parts = [next(batches) for _ in range(per_micro)]
             images = torch.cat([p.images for p in parts]) if per_micro > 1 else parts[0].images
             tokens = torch.cat([p.tokens for p in parts]) if per_micro > 1 else parts[0].tokens
-            out.append((images.to(self.device, dtype=self.dtype, non_blocking=True),
-                        tokens.to(self.device, non_blocking=True)))
+            images = normalize(images.to(self.device, non_blocking=True), self.dtype)  # uint8 until on the device
+            out.append((images, tokens.to(self.device, non_blocking=True)))
         return out
 
     def _placeholder_batches(self, split: BatchSplit) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -276,9 +275,8 @@ class Trainer:
         if self.recipe.logging.masked_image_grid:
             from torchvision.utils import make_grid
 
-            first = images[:8].float().cpu()
             generator = torch.Generator().manual_seed(mask_seed(self.recipe.train.seed, self.rank, step, 0))
-            shown = masked_preview(first * CLIP_STD + CLIP_MEAN, self.recipe.model.sizes.patch_size,
+            shown = masked_preview(denormalize(images[:8]).cpu(), self.recipe.model.sizes.patch_size,
                                    span.phase.mask_ratio, generator)
             self.logger.image(f"inputs/{span.phase.name}", make_grid(shown.clamp(0, 1), nrow=4), samples)
         self.state.phase = span.index

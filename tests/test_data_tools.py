@@ -6,6 +6,7 @@ import csv
 import hashlib
 import io
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -13,11 +14,15 @@ import pytest
 from PIL import Image
 
 from flip_ds.cli import main
+from flip_ds.config import load_recipe
 from flip_ds.config_loader import ConfigError
+from flip_ds.cost import Setting
 from flip_ds.data.make_shards import read_captions, write_shards
 from flip_ds.data.reader import ShardReader
 from flip_ds.data.synthetic import HELD_OUT, make_demo_dataset
 from flip_ds.data.tokenizer import Tokenizer
+from flip_ds.plan import Cluster, plan
+from tests.distributed_helpers import REPO
 
 
 def read_back(out: Path) -> list[dict]:
@@ -174,3 +179,21 @@ def test_bench_data_reports_rates(demo_shards, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["samples"] > 0 and report["samples_per_s"] > 0 and report["single_worker_samples_per_s"] > 0
     assert set(report["per_worker_samples_per_s"]) == {"0", "1"} and report["skipped"] == {}
+
+
+def test_bench_data_says_how_many_cores_feed_a_recipes_gpus(demo_shards, capsys):
+    recipe = str(REPO / "configs" / "flip_h14_laion2b_25.6b.yaml")
+    assert main(["bench-data", "--shards", demo_shards.train, "--tokenizer", demo_shards.tokenizer, "--workers", "1",
+                 "--batch-size", "16", "--seconds", "1", "--image-size", "32", "--recipe", recipe, "--gpus", "256",
+                 "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    feeding = report["feeding"]
+    masked = plan(load_recipe(recipe), Cluster(gpus=256, gpu_mem_gib=80), Setting(), 32000).clock.phases[0]
+    per_gpu = masked.steps * 65536 / (masked.hours[1] * 3600) / 256  # the masked phase at the planner's fast end
+    assert feeding["phase"] == "masked" and feeding["samples_per_s_per_gpu"] == pytest.approx(per_gpu)
+    cores = per_gpu / report["single_worker_samples_per_cpu_s"]
+    assert feeding["loader_cores_per_gpu"] == pytest.approx(cores)
+    assert feeding["cpus_per_task"] == math.ceil(cores) + 1
+    assert main(["bench-data", "--shards", demo_shards.train, "--tokenizer", demo_shards.tokenizer,
+                 "--recipe", recipe]) == 2
+    assert "--recipe and --gpus go together" in capsys.readouterr().err

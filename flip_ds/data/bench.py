@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections import Counter
 
@@ -50,3 +51,20 @@ def bench_data(shards: str, tokenizer: str, workers: int = 2, batch_size: int = 
             "per_worker_samples_per_s": {str(w): n / elapsed for w, n in sorted(per_worker.items())},
             "single_worker_samples_per_s": single_rate, "single_worker_samples_per_cpu_s": single_cpu_rate,
             "skipped": {k: v for k, v in counts.items() if v and k != "samples_read"}}
+
+
+def feeding(recipe_path: str, gpus: int, gpu_mem_gib: float, samples_per_cpu_s: float) -> dict:
+    """Loader cores per GPU that keep `recipe_path` on `gpus` GPUs fed, at the planner's fast end
+    (its highest samples/s per GPU, in the phase that needs the most), given one loader core's
+    measured samples per CPU-second."""
+    from flip_ds.config import load_recipe
+    from flip_ds.cost import Setting
+    from flip_ds.plan import Cluster, plan, vocab_size_of
+
+    recipe = load_recipe(recipe_path)
+    p = plan(recipe, Cluster(gpus=gpus, gpu_mem_gib=gpu_mem_gib), Setting(), vocab_size_of(recipe, 32000))
+    rates = {ph.name: ph.steps * recipe.train.global_batch / (ph.hours[1] * 3600) / gpus for ph in p.clock.phases}
+    phase = max(rates, key=rates.get)
+    cores = rates[phase] / samples_per_cpu_s
+    return {"recipe": recipe_path, "gpus": gpus, "phase": phase, "samples_per_s_per_gpu": rates[phase],
+            "loader_cores_per_gpu": cores, "cpus_per_task": math.ceil(cores) + 1}

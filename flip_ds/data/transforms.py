@@ -61,8 +61,21 @@ class TrainAugment:
             return np.asarray(self.transform(image))
 
 
-def normalize(images: list[np.ndarray]) -> torch.Tensor:
-    """(H, W, 3) uint8 images to one (B, 3, H, W) float32 batch, CLIP-normalised."""
-    planar = np.stack([image.transpose(2, 0, 1) for image in images])  # channels first while still uint8: cheap
-    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
-    return torch.from_numpy(planar).float().mul_(1 / (255 * std)).sub_(torch.tensor(CLIP_MEAN).view(1, 3, 1, 1) / std)
+def to_planar(images: list[np.ndarray]) -> torch.Tensor:
+    """(H, W, 3) uint8 images to one (B, 3, H, W) uint8 batch: what loader workers hand over (a
+    quarter of float32's bytes through shared memory and to the GPU)."""
+    return torch.from_numpy(np.stack([image.transpose(2, 0, 1) for image in images]))
+
+
+def normalize(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(B, 3, H, W) uint8 images, CLIP-normalised in `dtype` on their own device (the GPU, in training)."""
+    std = torch.tensor(CLIP_STD, device=images.device).view(1, 3, 1, 1)
+    mean = torch.tensor(CLIP_MEAN, device=images.device).view(1, 3, 1, 1)
+    return images.float().mul_(1 / (255 * std)).sub_(mean / std).to(dtype)
+
+
+def denormalize(images: torch.Tensor) -> torch.Tensor:
+    """CLIP-normalised images back to [0, 1] pixels (for showing them)."""
+    std = torch.tensor(CLIP_STD, device=images.device).view(1, 3, 1, 1)
+    mean = torch.tensor(CLIP_MEAN, device=images.device).view(1, 3, 1, 1)
+    return images.float() * std + mean

@@ -25,12 +25,12 @@ from flip_ds.data.faults import SkipStats
 from flip_ds.data.reader import ShardReader, Skip, parse_sample
 from flip_ds.data.shards import BLOCK, ShardPlan, stream_rng
 from flip_ds.data.tokenizer import Tokenizer
-from flip_ds.data.transforms import TrainAugment, normalize
+from flip_ds.data.transforms import TrainAugment, to_planar
 
 
 @dataclass
 class Batch:
-    images: torch.Tensor  # (B, 3, H, W) float32, CLIP-normalised
+    images: torch.Tensor  # (B, 3, H, W) uint8: the trainer normalises them on its device
     tokens: torch.Tensor  # (B, context_length) int64
     keys: list[str] = field(default_factory=list)  # 'shard url#sample key' of each row, for tracing
     worker: int = 0  # the reader stream (DataLoader worker) that assembled it
@@ -121,7 +121,7 @@ class WorkerStream:
             block, first, batch_in_block = block + 1, 0, False
 
     def _batch(self, pending: list[tuple[np.ndarray, str, str]], tokenizer: Tokenizer) -> Batch:
-        images = normalize([p[0] for p in pending])
+        images = to_planar([p[0] for p in pending])
         tokens = torch.from_numpy(tokenizer([p[1] for p in pending]))
         return Batch(images, tokens, [p[2] for p in pending], self.worker)
 
