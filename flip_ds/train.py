@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from flip_ds import checkpoint
+from flip_ds import checkpoint, distributed
 from flip_ds import engine as ds_engine
 from flip_ds.config import BatchSplit, Recipe
 from flip_ds.config_loader import ConfigError
@@ -117,10 +117,11 @@ class Trainer:
         self.split = splits[0]  # the engine's micro batch and accumulation now
         self.engine = ds_engine.initialize(model, recipe, self.split, device, self.precision.name,
                                            load_universal=resharded)
+        self.data_cfg = recipe.data.with_workers(denv.local_world_size)
         self.state = TrainState()
         if resume:
             self.state = self._load(resume, saved_world)
-        self.stream = TrainStream(recipe.data, tokenizer_file=recipe.data.tokenizer,
+        self.stream = TrainStream(self.data_cfg, tokenizer_file=recipe.data.tokenizer,
                                   context_length=recipe.model.context_length,
                                   image_size=recipe.model.resolved_image_size, batch_size=self.unit,
                                   seed=recipe.train.seed if self.state.data_seed is None else self.state.data_seed,
@@ -217,21 +218,27 @@ class Trainer:
                  "seen there); a fresh schedule, optimizer and data stream")
 
     def _load(self, resume: tuple[Path, str], saved_world: int) -> TrainState:
-        """Weights, optimizer and loop state from checkpoint `resume`. On another world size the
-        data streams start anew (the per-rank positions of the old ranks mean nothing here)."""
+        """Weights, optimizer and loop state from checkpoint `resume`. On another world size or
+        number of loader workers the data streams start anew: a stream position belongs to one
+        (rank, worker) of the run that saved it."""
         _, client = self.engine.load_checkpoint(str(resume[0]), tag=resume[1], load_lr_scheduler_states=False)
         saved = client["flip_ds"]
-        state = TrainState(**{**saved, "data": saved["data"][self.rank] if saved_world == self.denv.world_size
-                              else None})
-        samples = state.step * self.recipe.train.global_batch
-        self.log(f"resumed from {resume[0] / resume[1]} at step {state.step} ({samples} samples)")
+        samples = saved["step"] * self.recipe.train.global_batch
+        self.log(f"resumed from {resume[0] / resume[1]} at step {saved['step']} ({samples} samples)")
+        changed = []
         if saved_world != self.denv.world_size:
-            state.data_seed = int(np.random.SeedSequence([self.recipe.train.seed, samples]).generate_state(1)[0])
-            self.log(f"world size changed from {saved_world} to {self.denv.world_size} ranks: weights and optimizer "
-                     f"state resharded through DeepSpeed's universal checkpoint; the data streams start anew, "
-                     f"seeded by the {samples} samples seen (data seed {state.data_seed}), so the sample order "
-                     "differs from an uninterrupted run's")
-        return state
+            changed.append(f"world size changed from {saved_world} to {self.denv.world_size} ranks (weights and "
+                           "optimizer state resharded through DeepSpeed's universal checkpoint)")
+        elif saved["data"][self.rank]["workers"] != max(self.data_cfg.workers, 1):
+            changed.append(f"data.workers changed from {saved['data'][self.rank]['workers']} to "
+                           f"{self.data_cfg.workers}")
+        if any(distributed.any_rank(bool(changed))):  # every rank restarts its streams, or none does
+            data_seed = int(np.random.SeedSequence([self.recipe.train.seed, samples]).generate_state(1)[0])
+            self.log(f"{'; '.join(changed) or 'another rank saw a change'}: the data streams start anew, seeded by "
+                     f"the {samples} samples seen (data seed {data_seed}), so the sample order differs from an "
+                     "uninterrupted run's")
+            return TrainState(**{**saved, "data": None, "data_seed": data_seed})
+        return TrainState(**{**saved, "data": saved["data"][self.rank]})
 
     def _choose_precision(self) -> Precision:
         precision = resolve_on_all_ranks(self.recipe.train.precision, self.device)

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
 import pickle
 import re
+import time
 
 import pytest
 import torch
 from torchvision.transforms import Normalize
 
 from flip_ds.config_loader import ConfigError
-from flip_ds.data.config import DataConfig, DataSource
-from flip_ds.data.pipeline import TrainStream
-from flip_ds.data.shards import ShardPlan
+from flip_ds.data.config import DataConfig, DataSource, default_workers
+from flip_ds.data.pipeline import DataError, LoaderStalled, TrainStream
+from flip_ds.data.shards import ShardPlan, list_shards
 from flip_ds.data.transforms import CLIP_MEAN, CLIP_STD, denormalize, normalize
 
 
@@ -145,3 +147,35 @@ def test_weighted_sources_are_drawn_by_weight(demo_shards):
     assert abs(sum(d.endswith("00003.tar") for d in draws) / 2000 - 0.25) < 0.03
     assert {d[-9:] for d in draws} == {"00000.tar", "00001.tar", "00002.tar", "00003.tar"}
     assert draws != [plan.stream(rank=0, world_size=1, worker=1, workers=2).url(n) for n in range(2000)]
+
+
+def test_a_hung_shard_read_stops_the_stream_after_the_timeout(demo_shards, tmp_path):
+    """A shard whose read never returns (a FIFO nobody writes to, as a hung file system read looks)
+    in one worker's part of a fixed list: the stream raises LoaderStalled after data.timeout_s
+    instead of waiting forever, and it is not a DataError (a requeue may well succeed)."""
+    good = list_shards(demo_shards.train)[0]
+    hung = tmp_path / "00001.tar"
+    os.mkfifo(hung)
+    cfg = DataConfig(train=[DataSource(f"{{{good},{hung}}}")], tokenizer=demo_shards.tokenizer, workers=2,
+                     resample=False, timeout_s=3)
+    stream = TrainStream(cfg, tokenizer_file=demo_shards.tokenizer, context_length=16, image_size=32, batch_size=8,
+                         seed=0, rank=0, world_size=1)
+    start = time.perf_counter()
+    with pytest.raises(LoaderStalled, match="delivered nothing for 3 s"):
+        take(stream, 4)
+    assert 3 <= time.perf_counter() - start < 60 and not issubclass(LoaderStalled, DataError)
+    stream.close()
+
+
+@pytest.mark.parametrize("affinity, cpus, local_ranks, expected", [
+    (12, 96, 8, 11),  # srun --cpus-per-task 12 binds each task: its 12 CPUs, one for training
+    (96, 96, 8, 11),  # no binding: an eighth of the node each
+    (96, 96, 1, 95),
+    (1, 2, 2, 1),  # never fewer than one worker
+])
+def test_default_workers_follow_the_cpus_a_rank_may_use(monkeypatch, affinity, cpus, local_ranks, expected):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(affinity)))
+    monkeypatch.setattr(os, "cpu_count", lambda: cpus)
+    assert default_workers(local_ranks) == expected
+    assert DataConfig().with_workers(local_ranks).workers == expected
+    assert DataConfig(workers=3).with_workers(local_ranks).workers == 3  # the recipe's, when it says

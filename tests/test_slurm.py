@@ -44,9 +44,13 @@ def recipe(demo, out: Path, steps: tuple[int, int], ranks: int) -> list[str]:
             f"logging.every_steps={1 if steps == SHORT else 10}", "logging.masked_image_grid=false", "eval.sets=[]"]
 
 
-def slurm_cli(*args: str) -> subprocess.CompletedProcess:
+def slurm_cli(*args: str, cpus_per_task: str | None = "1") -> subprocess.CompletedProcess:
+    """`flip-ds slurm` on the tiny recipe; one CPU a task unless told (the default, a node's CPUs shared
+    by its tasks, would let this cluster run only one job per node at a time)."""
+    cpus = ["--cpus-per-task", cpus_per_task] if cpus_per_task else []
     return subprocess.run([sys.executable, "-m", "flip_ds", "slurm", "--config", "configs/tiny_cpu.yaml",
-                           "--gpus-per-node", "0", *args], cwd=REPO, capture_output=True, text=True, timeout=120)
+                           "--gpus-per-node", "0", *cpus, *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
 
 
 def job_info(job: str) -> dict[str, str]:
@@ -341,3 +345,11 @@ def test_a_recipe_that_cannot_run_fails_at_submission_and_queues_nothing(demo_sh
         assert line.startswith(f"flip-ds: error: {error}")
     queued = subprocess.run(["squeue", "-h", "-n", "refused"], capture_output=True, text=True, check=True).stdout
     assert queued == "" and not out.exists()
+
+
+def test_cpus_per_task_defaults_to_the_nodes_cpus_shared_by_their_tasks():
+    listed = subprocess.run(["sinfo", "-h", "-o", "%c"], capture_output=True, text=True, check=True).stdout
+    cpus = min(int(c) for c in listed.split())  # 8 on the test cluster
+    done = slurm_cli("--nodes", "1", "--tasks-per-node", "2", "--dry-run", cpus_per_task=None)
+    assert done.returncode == 0, done.stderr
+    assert f"--cpus-per-task={cpus // 2}" in done.stdout.splitlines()[1]

@@ -285,6 +285,15 @@ def test_resume_on_one_rank_then_on_two_continues_from_the_saved_samples(demo_sh
     assert abs(again[9 * G] - resumed[8 * G]) < 2.5 * step
 
 
+def test_resume_with_other_loader_workers_restarts_the_data_streams(demo_shards, zero3_json, reference_run, tmp_path):
+    out = tmp_path / "workers"
+    done = torchrun([*train_args(demo_shards, out, "train.precision=fp32", ds=zero3_json), "data.workers=2",
+                     f"resume={reference_run / 'checkpoints' / 'step_00000010'}"])
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "data.workers changed from 1 to 2: the data streams start anew" in done.stdout
+    assert sorted(losses(out)) == [11 * G, 12 * G]
+
+
 def test_init_from_starts_a_fresh_schedule_from_trained_weights(demo_shards, zero3_json, reference_run, tmp_path):
     out = tmp_path / "init"
     done = torchrun(train_args(demo_shards, out, "train.precision=fp32", f"init_from={reference_run}",

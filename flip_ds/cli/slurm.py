@@ -32,7 +32,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node, one task each; 0 for CPU nodes")
     p.add_argument("--tasks-per-node", type=int, default=None,
                    help="training processes per node (default: --gpus-per-node, or 1 without GPUs)")
-    p.add_argument("--cpus-per-task", type=int, default=None, help="CPUs per task (data loader workers + 1)")
+    p.add_argument("--cpus-per-task", type=int, default=None,
+                   help="CPUs per task: data loader workers + 1 (flip-ds bench-data --recipe says how many); "
+                        "default: the partition's CPUs per node divided by the tasks per node (sinfo)")
     p.add_argument("--time", default=None, help="time limit per job, e.g. 24:00:00 (default: the partition's)")
     p.add_argument("--partition", default=None, help="partition")
     p.add_argument("--account", default=None, help="account to charge")
@@ -62,6 +64,18 @@ def validate(config: str, overrides: list[str], world: int) -> str:
     return out.getvalue().rstrip().splitlines()[-1].lstrip("# ")
 
 
+def _cpus_per_task(partition: str | None, tasks_per_node: int) -> int | None:
+    """The partition's smallest node's CPUs shared by the tasks on a node; None where sinfo cannot
+    say (the job then gets Slurm's default, often one CPU per task)."""
+    try:
+        out = subprocess.run(["sinfo", "-h", "-o", "%c", *(["-p", partition] if partition else [])],
+                             capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    counts = [int(c.rstrip("+")) for c in out.stdout.split() if c.rstrip("+").isdigit()]
+    return max(1, min(counts) // tasks_per_node) if out.returncode == 0 and counts else None
+
+
 def sbatch_command(args: argparse.Namespace, output_dir: Path, dependency: str | None) -> list[str]:
     tasks = args.tasks_per_node or args.gpus_per_node or 1
     name = args.job_name or Path(args.config).stem
@@ -70,7 +84,8 @@ def sbatch_command(args: argparse.Namespace, output_dir: Path, dependency: str |
            f"--chdir={os.getcwd()}",
            # the job runs the Python (and so the flip-ds) that submitted it
            f"--export=ALL,FLIP_PYTHON={sys.executable},FLIP_MAX_RESTARTS={args.max_restarts}"]
-    for flag, value in (("gpus-per-node", args.gpus_per_node or None), ("cpus-per-task", args.cpus_per_task),
+    cpus = args.cpus_per_task or _cpus_per_task(args.partition, tasks)
+    for flag, value in (("gpus-per-node", args.gpus_per_node or None), ("cpus-per-task", cpus),
                         ("time", args.time), ("partition", args.partition), ("account", args.account),
                         ("qos", args.qos), ("dependency", dependency)):
         if value is not None:

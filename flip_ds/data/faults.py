@@ -32,6 +32,10 @@ CAUSES = SHARD_CAUSES + SAMPLE_CAUSES
 MAX_TRACKED_SHARDS = 64  # per-shard skip counts kept per worker, only to name the worst shard
 
 
+class LoaderStalled(RuntimeError):
+    """A loader worker delivered nothing for data.timeout_s: a hang, not bad data (worth a requeue)."""
+
+
 class DataError(RuntimeError):
     """The data cannot feed the run (too many bad samples); the message is one line naming the worst shard."""
 

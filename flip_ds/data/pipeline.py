@@ -16,14 +16,14 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from flip_ds.config_loader import ConfigError
+from flip_ds.config_loader import ConfigError, check
 from flip_ds.data.config import DataConfig
-from flip_ds.data.faults import DataError, SkipStats
+from flip_ds.data.faults import DataError, LoaderStalled, SkipStats
 from flip_ds.data.shards import ShardPlan
 from flip_ds.data.tokenizer import Tokenizer
 from flip_ds.data.worker import Batch, StreamSettings, WorkerStream
 
-__all__ = ["Batch", "DataError", "TrainStream"]
+__all__ = ["Batch", "DataError", "LoaderStalled", "TrainStream"]
 STATE_VERSION = 1
 
 
@@ -45,6 +45,7 @@ class TrainStream:
 
     def __init__(self, cfg: DataConfig, *, tokenizer_file: str, context_length: int, image_size: int,
                  batch_size: int, seed: int, rank: int, world_size: int, state: dict | None = None) -> None:
+        check(cfg.workers is not None, "data.workers: decide it first (DataConfig.with_workers)")
         self.cfg, self.rank, self.seed = cfg, rank, seed
         streams = max(cfg.workers, 1)
         plan = ShardPlan.from_config(cfg, seed)
@@ -81,6 +82,7 @@ class TrainStream:
         dataset = _WorkerItems(self.settings, copy.deepcopy(self.positions), self.next_stream)
         loader = DataLoader(dataset, batch_size=None, num_workers=self.cfg.workers,
                             pin_memory=torch.cuda.is_available(),
+                            timeout=self.cfg.timeout_s if self.cfg.workers else 0,
                             # DataLoader draws its base seed from this, not from the global generator
                             generator=torch.Generator().manual_seed(self.seed))
         self._items = iter(loader)
@@ -88,7 +90,7 @@ class TrainStream:
         return self._batches
 
     def _take(self, items: Iterator) -> Iterator[Batch]:
-        for batch, stream, position, stats in items:
+        for batch, stream, position, stats in self._within_timeout(items):
             self.positions[stream] = position
             self.stats[stream] = SkipStats.from_state(stats)
             self.next_stream = (stream + 1) % self.settings.workers
@@ -97,6 +99,20 @@ class TrainStream:
                 self.check_skip_rate()
                 continue
             yield batch
+
+    def _within_timeout(self, items: Iterator) -> Iterator:
+        while True:
+            try:
+                item = next(items)
+            except StopIteration:
+                return
+            except RuntimeError as e:
+                if "DataLoader timed out" not in str(e):
+                    raise
+                raise LoaderStalled(f"data on rank {self.rank}: a loader worker delivered nothing for "
+                                    f"{self.cfg.timeout_s:g} s (data.timeout_s); a shard read is hanging "
+                                    f"(file system?)") from None
+            yield item
 
     def state_dict(self) -> dict:
         """The position after the last batch the consumer took; small and picklable."""
