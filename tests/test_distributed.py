@@ -96,8 +96,10 @@ def _stalled_peer(rank: int, port: int, timeout_s: float, result: str) -> None:
     """Rank 1 joins the group, then stops answering; rank 0's next collective must fail by itself."""
     os.environ["OMP_NUM_THREADS"] = "1"
     distributed.init_distributed(DistEnv(rank, rank, 2, 2, "127.0.0.1", port, "torch"), timeout_s=timeout_s)
-    if rank == 1:
-        time.sleep(4 * timeout_s + 10)
+    if rank == 1:  # silent until rank 0 has its answer (or a minute has passed)
+        deadline = time.time() + 60
+        while not Path(result).exists() and time.time() < deadline:
+            time.sleep(0.2)
         os._exit(0)
     start = time.perf_counter()
     try:
