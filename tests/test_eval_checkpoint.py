@@ -161,8 +161,10 @@ def test_zero_shot_same_numbers_on_1_and_2_processes_from_dir_and_export(trained
 def test_retrieval_cli_agrees_with_the_runner(trained, capsys):
     tag_dir = trained / "run" / "checkpoints" / "step_00000003"
     out = trained / "retrieval.json"
+    # fp32 as the fixture's run evaluated in training (auto would be bf16 on a CPU with native bf16)
     assert main(["eval", "retrieval", str(tag_dir), "--data", str(trained / "data" / "retrieval.jsonl"),
-                 "--batch-size", "6", "--workers", "2", "--json", str(out), "--no-progress"]) == 0
+                 "--batch-size", "6", "--workers", "2", "--precision", "fp32", "--json", str(out),
+                 "--no-progress"]) == 0
     assert "text->image R@1/5/10" in capsys.readouterr().out
     result = json.loads(out.read_text())
     assert result["metrics"] == json.loads((trained / "zero3_results.json").read_text())["rt"]
