@@ -120,8 +120,13 @@ class Smoke:
                 assert_(time.time() < deadline, "no checkpoint before the timeout")
                 time.sleep(0.1)
             saved = (run / "checkpoints" / "latest").read_text().strip()
-            os.killpg(proc.pid, signal.SIGKILL)  # torchrun and its worker, mid-run
-            proc.wait()
+            for worker in _children(proc.pid):  # the training process dies mid-run, as a crashed rank does;
+                os.kill(worker, signal.SIGKILL)  # torchrun (which started it in a session of its own) then ends
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
         self.command("resume", args, torchrun=True)
         ours, reference = scalars(run / "tensorboard", "train/loss"), scalars(self.out / "train" / "tensorboard",
                                                                                "train/loss")
@@ -208,6 +213,11 @@ class Smoke:
             detail = r.get("why") or ", ".join(f"{k}={_short(v)}" for k, v in r.items() if k not in ("status",))
             print(f"[gpu_smoke] {r['status']} {name} ({r['seconds']} s): {detail}", flush=True)
         return first_failure
+
+
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(c) for c in f.read().split()]
 
 
 def assert_(condition: bool, message: str) -> None:
