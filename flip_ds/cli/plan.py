@@ -7,6 +7,7 @@ import json
 
 from flip_ds import cost
 from flip_ds.cli import HelpFormatter
+from flip_ds.plan import GIB, Plan
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -34,10 +35,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="GB/s each GPU sends in a collective within a node (NVLink)")
     p.add_argument("--inter-node-gbps", type=float, default=cost.INTER_NODE_GBPS,
                    help="GB/s each GPU sends in a collective across nodes (its network share)")
-    p.add_argument("--checkpoint-write-gbps", type=float, default=10.0,
+    p.add_argument("--checkpoint-write-gbps", type=float, default=cost.Setting.checkpoint_write_gbps,
                    help="the job's write bandwidth to the checkpoint file system, GB/s")
-    p.add_argument("--job-hours", type=float, default=24.0, help="the partition's time limit per job")
-    p.add_argument("--restart-s", type=float, default=600.0,
+    p.add_argument("--job-hours", type=float, default=cost.Setting.job_hours, help="the partition's time limit per job")
+    p.add_argument("--restart-s", type=float, default=cost.Setting.restart_s,
                    help="seconds a restart costs (requeue wait, start-up, checkpoint load)")
     p.add_argument("--failures-per-gpu-day", type=float, default=cost.FAILURES_PER_GPU_DAY,
                    help="interruption rate (default: Llama 3's, 419 in 54 days on 16,384 H100s)")
@@ -51,7 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from flip_ds.config import load_recipe
-    from flip_ds.plan import Cluster, format_plan, plan, vocab_size_of
+    from flip_ds.plan import Cluster, plan, vocab_size_of
 
     recipe = load_recipe(args.recipe, args.overrides)
     cluster = Cluster(gpus=args.gpus, gpu_mem_gib=args.gpu_mem, gpus_per_node=args.gpus_per_node,
@@ -63,3 +64,83 @@ def run(args: argparse.Namespace) -> int:
     result = plan(recipe, cluster, setting, vocab_size_of(recipe, args.vocab_size), recipe_name=args.recipe)
     print(json.dumps(result.to_dict(), indent=2) if args.json else format_plan(result))
     return 0
+
+
+def _gib(x: float) -> str:
+    return f"{x / GIB:.2f}"
+
+
+def _count(n: float) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.4g}{unit}"
+    return f"{n:g}"
+
+
+def format_plan(p: Plan) -> str:
+    """The plan as a readable table: rows are quantities, columns the recipe's phases."""
+    c = p.cluster
+    head = [f"plan for {p.recipe or p.model}: {c.gpus} GPUs x {c.gpu_mem_gib:g} GiB ({c.nodes} node(s) of "
+            f"{c.gpus_per_node}), {p.zero.describe()}, {p.precision}",
+            f"model {p.model}: {p.params / 1e6:.1f} M parameters (largest layer {p.largest_layer_params / 1e6:.1f} M, "
+            f"vocab {p.vocab_size})",
+            f"global batch {p.global_batch} = micro {p.micro_batch} x accum "
+            f"{p.accum_steps if p.accum_steps else '?'} x {c.gpus} GPUs"
+            + ("" if p.accum_steps else f"  (micro batch does not divide {p.rows} per GPU)"),
+            ""]
+    label_width = 40
+    names = [f"{ph.name} (mask {ph.mask_ratio:g})" for ph in p.phases]
+    col = max(14, *(len(n) + 3 for n in names))
+    lines = [f"{'per GPU, GiB':<{label_width}}" + "".join(f"{n:>{col}}" for n in names)]
+
+    def row(label: str, values: list[str]) -> None:
+        lines.append(f"{label:<{label_width}}" + "".join(f"{v:>{col}}" for v in values))
+
+    same = len(p.phases)
+    row("parameters", [_gib(p.states.params)] * same)
+    row("gradients", [_gib(p.states.grads)] * same)
+    row("optimizer states", [_gib(p.states.optimizer)] * same)
+    mark_on, mark_off = (" *", "") if p.checkpointing else ("", " *")
+    row("activations, checkpointing on" + mark_on, [_gib(ph.activations_checkpointing.towers) for ph in p.phases])
+    row("activations, checkpointing off" + mark_off,
+        [_gib(ph.activations_no_checkpointing.towers) for ph in p.phases])
+    row(f"contrastive logits ({p.rows} x {p.global_batch} fp32)", [_gib(p.activations_of(ph).logits)
+                                                                    for ph in p.phases])
+    row("ZeRO communication buckets", [_gib(p.zero.bucket_bytes(p.precision))] * same)
+    row("reserve (CUDA, NCCL, fragmentation)", [f"{c.reserve_gib:.2f}"] * same)
+    row("total (* = the recipe's setting)", [_gib(p.fixed_bytes + p.activations_of(ph).peak) for ph in p.phases])
+    lines.append("")
+    row("train GFLOPs per sample", [f"{ph.train_gflops_per_sample:.1f}" for ph in p.phases])
+    row("samples", [_count(ph.samples) for ph in p.phases])
+    t, s = p.clock, p.setting
+    low, high = s.mfu
+    row("steps", [f"{ph.steps:,}" for ph in t.phases])
+    row(f"compute s/step at {high:.1%}-{low:.1%} MFU", [f"{ph.compute_s[1]:.2f}-{ph.compute_s[0]:.2f}"
+                                                        for ph in t.phases])
+    row("GB sent per GPU per step", [f"{sum(ph.bytes_sent.values()) / 1e9:.2f}" for ph in t.phases])
+    bandwidth = s.bandwidth(c.gpus, c.gpus_per_node) / 1e9
+    row(f"communication s/step at {bandwidth:g} GB/s", [f"{ph.communication_s:.2f}" for ph in t.phases])
+    row("samples/s per GPU", [f"{ph.steps * p.global_batch / (ph.hours[0] * 3600) / c.gpus:,.0f}-"
+                              f"{ph.steps * p.global_batch / (ph.hours[1] * 3600) / c.gpus:,.0f}" for ph in t.phases])
+    row("hours", [f"{ph.hours[1]:,.1f}-{ph.hours[0]:,.1f}" for ph in t.phases])
+    if p.states.cpu_per_node:
+        lines.append(f"offloaded optimizer per node (host memory): {_gib(p.states.cpu_per_node)} GiB")
+    fast, slow = t.overheads[1], t.overheads[0]
+    fit = "yes" if p.fits else "NO"
+    lines += ["",
+              f"fits in {c.gpu_mem_gib:g} GiB: {fit} (peak {_gib(p.peak_bytes)} GiB at micro batch {p.micro_batch}, "
+              f"checkpointing {'on' if p.checkpointing else 'off'})",
+              "largest micro batch that fits: " + (f"{p.max_micro_batch} (accum {p.max_micro_accum})"
+                                                  if p.max_micro_batch else "none: not even 1 sample per GPU"),
+              "",
+              f"around the steps: {t.evaluations} evaluation(s) {fast.eval_hours:.2f}-{slow.eval_hours:.2f} h; "
+              f"{t.checkpoints} checkpoint write(s) {slow.checkpoint_hours:.2f} h at {s.checkpoint_write_gbps:g} GB/s; "
+              f"{fast.time_limit_restarts}-{slow.time_limit_restarts} restart(s) at the {s.job_hours:g} h limit and "
+              f"{fast.failures:.1f}-{slow.failures:.1f} failure(s) expected, {fast.restart_hours:.1f}-"
+              f"{slow.restart_hours:.1f} h",
+              f"wall-clock: {p.hours[1] / 24:,.1f}-{p.hours[0] / 24:,.1f} days "
+              f"({p.hours[1]:,.0f}-{p.hours[0]:,.0f} h), "
+              f"{p.gpu_hours[1]:,.0f}-{p.gpu_hours[0]:,.0f} GPU-hours: the fast end at {high:.1%} MFU with all "
+              f"communication hidden, the slow end at {low:.1%} with none (docs/planner.md says where each "
+              "figure comes from)"]
+    return "\n".join(head + lines)
