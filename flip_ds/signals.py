@@ -1,7 +1,9 @@
 """Stop requests from the scheduler: SIGTERM and SIGUSR1 (what SLURM sends before a time limit
 or a preemption) set a flag; the train loop finishes its step, checkpoints and exits.
 
-The handler only records the request, so a second signal during the save changes nothing.
+The handler only records the request, so a second signal during the save changes nothing. Once a
+stop is requested the handler stays installed: SLURM follows its warning signal with SIGTERM, and
+one landing after the save, while the process shuts down, must not turn exit 75 into a kill.
 """
 
 from __future__ import annotations
@@ -21,12 +23,16 @@ class StopRequest:
             self._previous[signum] = signal.signal(signum, self._handle)
 
     def uninstall(self) -> None:
+        """Restore the previous handlers, unless a stop was requested (see the module note)."""
+        if self.requested:
+            return
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous.clear()
 
     def _handle(self, signum: int, _frame) -> None:
-        self.signum = signum
+        if self.signum is None:  # the first signal is the reason; later ones repeat it
+            self.signum = signum
 
     @property
     def requested(self) -> bool:
