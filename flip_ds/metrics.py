@@ -43,6 +43,76 @@ class Stopwatch:
         return totals
 
 
+# A batch is "dominated" when more than half of its rows share one caption. The contrastive loss asks
+# each caption to pick out its own image among the batch's: rows with the same caption are the same
+# target, so on such rows the loss can only sit at chance (ln of the batch) and teaches nothing about
+# the images. Web captions are nearly all distinct, and a shuffled class-labelled set with C equally
+# common classes puts about 1/C of a batch on its largest class; more than half happens by chance
+# with two captions or fewer, and otherwise when samples arrive sorted (a class-per-folder tree
+# written in class order): the case to catch.
+DOMINATED_SHARE = 0.5
+# Smaller batches share a caption by coincidence too often to mean anything (3 of 4 rows of a
+# shuffled 5-class set: 14% of batches).
+MIN_CHECKED_ROWS = 8
+# Warn when more than this share of a logging window's batches is dominated: in a shuffled stream
+# with 3 equally common captions, batches of 32 rows are dominated by chance 5% of the time (with
+# 10 captions, 1 in 10^8); sorted input dominates nearly every batch.
+WARN_DOMINATED_BATCHES = 0.1
+
+
+class CaptionRepeats:
+    """How much of each of a rank's batches is one caption, counted per logging window.
+
+    `observe` compares the token rows of a batch already on the rank (a sort of B x context ids);
+    `take` returns the window's counts, for the trainer to sum over ranks with the other data counts.
+    """
+
+    COUNTS = ("batches", "dominated", "top_rows", "rows")
+
+    def __init__(self) -> None:
+        self.counts = dict.fromkeys(self.COUNTS, 0)
+        self.warned = False
+
+    def observe(self, tokens: torch.Tensor) -> None:
+        rows = tokens.shape[0]
+        if rows < MIN_CHECKED_ROWS:
+            return
+        top = int(torch.unique(tokens, dim=0, return_counts=True)[1].max())
+        self.counts["batches"] += 1
+        self.counts["dominated"] += int(top > DOMINATED_SHARE * rows)
+        self.counts["top_rows"] += top
+        self.counts["rows"] += rows
+
+    def take(self) -> list[float]:
+        """The window's counts in COUNTS order; the window starts anew."""
+        window = [float(self.counts[k]) for k in self.COUNTS]
+        self.counts = dict.fromkeys(self.COUNTS, 0)
+        return window
+
+    @staticmethod
+    def scalars(totals: list[float]) -> dict[str, float]:
+        """TensorBoard scalars from the window's counts summed over ranks: the share of batches
+        dominated by one caption, and the mean share of a batch's most common caption (1/B: all distinct)."""
+        batches, dominated, top_rows, rows = totals
+        if not batches:
+            return {}
+        return {"data/duplicate_dominated_batches": dominated / batches,
+                "data/duplicate_caption_share": top_rows / rows}
+
+    def warning(self, totals: list[float]) -> str | None:
+        """One warning per run, the first window in which many batches were dominated by one caption."""
+        batches, dominated, top_rows, rows = totals
+        if self.warned or not batches or dominated / batches <= WARN_DOMINATED_BATCHES:
+            return None
+        self.warned = True
+        return (f"in {dominated / batches:.0%} of the last {int(batches)} batches (all ranks) more than half the rows "
+                f"share one caption (a batch's most common caption holds {top_rows / rows:.0%} of it on average): the "
+                "contrastive loss cannot learn from such batches and stays near ln(batch). The shards are probably "
+                "sorted by class or caption: write them with `flip-ds make-shards`, which shuffles, or raise "
+                "data.shard_shuffle / data.sample_shuffle. TensorBoard: data/duplicate_dominated_batches; "
+                "said once")
+
+
 class TrainLogger:
     """Writes only on rank 0; every rank may call it."""
 

@@ -23,7 +23,7 @@ from flip_ds.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
 from flip_ds.data.transforms import denormalize, normalize
 from flip_ds.distributed import DistEnv, all_gather_object, all_reduce, detect_dist_env, init_distributed, shutdown
 from flip_ds.engine_config import validate_for_launch
-from flip_ds.metrics import Stopwatch, TrainLogger, device_peak_tflops, format_eta, peak_memory_bytes
+from flip_ds.metrics import CaptionRepeats, Stopwatch, TrainLogger, device_peak_tflops, format_eta, peak_memory_bytes
 from flip_ds.models.flip import build_model
 from flip_ds.models.flops import flops_per_sample
 from flip_ds.models.vision import masked_preview
@@ -127,6 +127,7 @@ class Trainer:
                                   seed=recipe.train.seed if self.state.data_seed is None else self.state.data_seed,
                                   rank=self.rank, world_size=denv.world_size, state=self.state.data)
         self.logger = TrainLogger(self.out / "tensorboard", self.rank)
+        self.duplicates = CaptionRepeats()  # batches made of one caption cannot train: warn, count
         self.logger.text("run/precision", f"{self.precision.name}: {self.precision.reason}", 0)
         self.peak_tflops = device_peak_tflops(device, recipe.logging.peak_tflops)
         self.stop = StopRequest()
@@ -221,7 +222,7 @@ class Trainer:
         """Weights, optimizer and loop state from checkpoint `resume`. On another world size or
         number of loader workers the data streams start anew: a stream position belongs to one
         (rank, worker) of the run that saved it."""
-        _, client = self.engine.load_checkpoint(str(resume[0]), tag=resume[1], load_lr_scheduler_states=False)
+        client = ds_engine.load_checkpoint(self.engine, str(resume[0]), resume[1])
         saved = client["flip_ds"]
         samples = saved["step"] * self.recipe.train.global_batch
         self.log(f"resumed from {resume[0] / resume[1]} at step {saved['step']} ({samples} samples)")
@@ -255,6 +256,7 @@ class Trainer:
             parts = [next(batches) for _ in range(per_micro)]
             images = torch.cat([p.images for p in parts]) if per_micro > 1 else parts[0].images
             tokens = torch.cat([p.tokens for p in parts]) if per_micro > 1 else parts[0].tokens
+            self.duplicates.observe(tokens)
             images = normalize(images.to(self.device, non_blocking=True), self.dtype)  # uint8 until on the device
             out.append((images, tokens.to(self.device, non_blocking=True)))
         return out
@@ -296,7 +298,7 @@ class Trainer:
         per_device = per_s / self.denv.world_size
         tflops = flops_per_sample(r.model, span.phase.mask_ratio).train * per_device / 1e12
         times = {k: v / steps for k, v in watch.take().items()}
-        skips = self._global_skip_counts()
+        skips, duplicates = self._global_skip_counts()
         grad_norm = self.engine.get_global_grad_norm()
         scalars = {
             "train/loss": outcome.loss, "train/lr": lr, "train/temperature": outcome.temperature,
@@ -306,29 +308,37 @@ class Trainer:
             "perf/samples_per_s": per_s, "perf/samples_per_s_per_device": per_device,
             "perf/tflops_per_device": tflops, "memory/peak_gb": peak_memory_bytes(self.device) / 2**30,
             **{f"time/{k}_s": v for k, v in times.items()},
-            **{f"data/{k}": v for k, v in skips.items()},
+            **{f"data/{k}": v for k, v in skips.items()}, **CaptionRepeats.scalars(duplicates),
         }
         if self.peak_tflops:
             scalars["perf/mfu"] = tflops / self.peak_tflops
         self.logger.scalars(scalars, samples)
+        warning = self.duplicates.warning(duplicates)
+        if warning and self.rank == 0:
+            print(f"[flip-ds] warning: {warning}", file=sys.stderr, flush=True)
         eta = (self.plan.total_steps - step - 1) * g / max(per_s, 1e-9)
         self.log(f"{span.phase.name} | step {step + 1}/{self.plan.total_steps} | samples {samples} "
                  f"({100 * samples / (self.plan.total_steps * g):.1f}%) | loss {outcome.loss:.4f} | lr {lr:.3g} | "
                  f"tau {outcome.temperature:.4f} | {per_s:.1f} samples/s | ETA {format_eta(eta)}")
 
-    def _global_skip_counts(self) -> dict[str, int]:
-        """Skipped-sample counts summed over ranks; stops every rank together above the skip rate."""
+    def _global_skip_counts(self) -> tuple[dict[str, int], list[float]]:
+        """Skipped-sample counts summed over ranks, and the window's duplicate-caption counts (in the
+        same all-reduce); stops every rank together above the skip rate."""
         counts = self.stream.skip_counts()
+        duplicates = self.duplicates.take()
         try:
             self.stream.check_skip_rate()
             error = ""
         except DataError as e:
             error = str(e)
         keys = sorted(counts)
-        totals = all_reduce(torch.tensor([float(counts[k]) for k in keys] + [float(bool(error))]))
+        # float64: float32 counts would stop being exact past 2^24 samples read
+        totals = all_reduce(torch.tensor([float(counts[k]) for k in keys] + duplicates + [float(bool(error))],
+                                        dtype=torch.float64))
         if totals[-1] > 0:
             raise DataError(error or "another rank exceeded data.max_skip_rate (see its error)")
-        return {k: int(v) for k, v in zip(keys, totals[:-1].tolist())}
+        return ({k: int(v) for k, v in zip(keys, totals[:len(keys)].tolist())},
+                totals[len(keys):-1].tolist())
 
     def _checkpoint_due(self, step: int, span: PhaseSpan) -> bool:
         g, c = self.recipe.train.global_batch, self.recipe.checkpoint

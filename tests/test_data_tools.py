@@ -25,13 +25,15 @@ from flip_ds.plan import Cluster, plan
 from tests.distributed_helpers import REPO
 
 
-def read_back(out: Path) -> list[dict]:
-    samples = []
-    for shard in sorted(out.glob("*.tar")):
-        reader = ShardReader(str(shard))
-        samples += list(reader)
-        assert reader.fault is None
+def read_shard(shard: Path) -> list[dict]:
+    reader = ShardReader(str(shard))
+    samples = list(reader)
+    assert reader.fault is None
     return samples
+
+
+def read_back(out: Path) -> list[dict]:
+    return [sample for shard in sorted(out.glob("*.tar")) for sample in read_shard(shard)]
 
 
 @pytest.fixture
@@ -56,10 +58,11 @@ def test_make_shards_reads_back_byte_exact(tmp_path, image_folder, capsys):
     with open(tmp_path / "captions.csv", "w", newline="", encoding="utf-8") as f:
         csv.writer(f).writerows([("path", "caption"), *rows])
     args = ["make-shards", "--images", str(folder), "--captions", str(tmp_path / "captions.csv"), "--out",
-            str(tmp_path / "out"), "--samples-per-shard", "2", "--max-side", "128", "--workers", "2", "--no-progress"]
+            str(tmp_path / "out"), "--samples-per-shard", "2", "--max-side", "128", "--workers", "2", "--no-progress",
+            "--no-shuffle"]
     assert main(args) == 0
     summary = capsys.readouterr().out
-    assert "wrote 5 samples in 3 shard(s)" in summary
+    assert "wrote 5 samples in 3 shard(s)" in summary and "in input order" in summary
     assert "missing_file 1, corrupt_image 1, empty_caption 1" in summary
     assert sorted(p.name for p in (tmp_path / "out").glob("*.tar")) == ["00000.tar", "00001.tar", "00002.tar"]
 
@@ -97,21 +100,47 @@ def test_make_shards_from_parquet(tmp_path, image_folder):
     assert [s["txt"].decode() for s in read_back(tmp_path / "out")] == [rows[0][1], rows[1][1]]
 
 
-def test_make_shards_from_class_folders(tmp_path):
+def shard_classes(out: Path) -> list[list[str]]:
+    """The class folder of each sample, shard by shard, in the order written."""
+    return [[json.loads(s["json"])["source"].split("/")[0] for s in read_shard(shard)]
+            for shard in sorted(out.glob("*.tar"))]
+
+
+def test_make_shards_from_class_folders(tmp_path, capsys):
     rng = np.random.default_rng(1)
-    for cls in ("golden_retriever", "tabby_cat"):
+    classes = ("golden_retriever", "tabby_cat", "zebra")
+    for cls in classes:
         (tmp_path / "tree" / cls).mkdir(parents=True)
-        for i in range(3):
+        for i in range(4):
             Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "tree" / cls / f"{i}.png")
     (tmp_path / "t.txt").write_text("a photo of a {}.\na drawing of a {}.\n")
-    assert main(["make-shards", "--class-folders", str(tmp_path / "tree"), "--templates", str(tmp_path / "t.txt"),
-                 "--out", str(tmp_path / "out"), "--no-progress", "--workers", "1"]) == 0
-    samples = read_back(tmp_path / "out")
+
+    def make(out: str, *options: str) -> list[list[str]]:
+        assert main(["make-shards", "--class-folders", str(tmp_path / "tree"), "--templates", str(tmp_path / "t.txt"),
+                     "--out", str(tmp_path / out), "--samples-per-shard", "4", "--no-progress", "--workers", "1",
+                     *options]) == 0
+        return shard_classes(tmp_path / out)
+
+    # In the folders' order, each shard of 4 would be one class: what the training stream could not mix
+    assert make("ordered", "--no-shuffle") == [[c] * 4 for c in classes]
+    assert "in input order" in capsys.readouterr().out
+    samples = read_back(tmp_path / "ordered")
     captions = [s["txt"].decode() for s in samples]
-    assert len(captions) == 6 and all(c.endswith(("golden retriever.", "tabby cat.")) for c in captions)
+    assert len(captions) == 12 and all(c.endswith(("golden retriever.", "tabby cat.", "zebra.")) for c in captions)
     assert {c.split(" of a ")[0] for c in captions} == {"a photo", "a drawing"}
     sources = [json.loads(s["json"])["source"] for s in samples]
     assert sources[:2] == ["golden_retriever/0.png", "golden_retriever/1.png"]
+
+    # By default the samples are shuffled across shards: no shard is one class, and a new seed is a new order
+    shuffled = make("shuffled")
+    assert "shuffled with seed 0" in capsys.readouterr().out
+    assert sorted(sum(shuffled, [])) == sorted(sum(make("ordered_again", "--no-shuffle"), []))
+    assert all(len(set(shard)) > 1 for shard in shuffled), shuffled
+    assert make("reseeded", "--seed", "1") != shuffled
+    # ... deterministically: the same seed gives the same bytes
+    make("shuffled_again", "--seed", "0")
+    for shard in sorted((tmp_path / "shuffled").glob("*.tar")):
+        assert shard.read_bytes() == (tmp_path / "shuffled_again" / shard.name).read_bytes()
 
 
 def test_make_shards_refuses_bad_input(tmp_path, capsys):
@@ -138,6 +167,36 @@ def test_train_tokenizer_from_shards_and_text(demo_shards, tmp_path, capsys):
     assert main(["train-tokenizer", "--captions", str(tmp_path / "captions.txt"), "--out", str(tmp_path / "t2"),
                  "--vocab-size", "20"]) == 0
     assert Tokenizer(str(tmp_path / "t2.model"), 8).vocab_size <= 20
+
+
+def test_train_tokenizer_says_in_one_line_which_vocab_size_would_work(tmp_path, capsys):
+    """A vocabulary smaller than the captions' characters: exit 2, one line naming the smallest size that
+    trains, and that size does train while one less does not."""
+    text = "the quick brown fox jumps over the lazy dog\nsphinx of black quartz, judge my vow!\n"
+    (tmp_path / "captions.txt").write_text(text * 20)
+    characters = len(set(text.replace("\n", "")))  # 26 letters, space, ',' and '!' (lower-cased already)
+
+    def train(vocab: int) -> tuple[int, str]:
+        status = main(["train-tokenizer", "--captions", str(tmp_path / "captions.txt"), "--out",
+                       str(tmp_path / f"tok{vocab}"), "--vocab-size", str(vocab)])
+        return status, capsys.readouterr().err
+
+    status, err = train(16)
+    assert status == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert err.startswith("flip-ds: error: train-tokenizer: vocab size 16 is too small")
+    assert f"their {characters} distinct characters" in err
+    assert f"use a vocab size of at least {characters + 4}" in err  # + pad, unk, bos, eos
+    assert train(characters + 3)[0] == 2
+    assert train(characters + 4) == (0, "")
+    assert Tokenizer(str(tmp_path / f"tok{characters + 4}.model"), 8).vocab_size == characters + 4
+
+    status, err = train(4)  # not even the special pieces fit
+    assert status == 2 and err.strip() == ("flip-ds: error: train-tokenizer: vocab size 4 leaves no room for text: it "
+                                           "must exceed the 4 special pieces (pad, unk, bos, eos) plus the captions' "
+                                           "characters")
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    assert main(["train-tokenizer", "--captions", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "t")]) == 2
+    assert "no captions to train on" in capsys.readouterr().err
 
 
 def test_demo_data_layout_is_complete_and_holds_out_pairs(demo_shards):

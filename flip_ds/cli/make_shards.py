@@ -14,7 +14,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Write {00000..N}.tar shards of KEY.jpg + KEY.txt + KEY.json from an image folder plus a "
                     "captions file (CSV/TSV, JSONL or parquet with a path and a caption column), or from a "
                     "class-per-folder tree with caption templates. Unreadable images, missing files and empty "
-                    "captions are skipped and counted. The same input gives the same bytes.",
+                    "captions are skipped and counted. Samples are written in a random order drawn from --seed, "
+                    "so a sorted input (a class tree is sorted by class) does not reach training sorted: the "
+                    "training stream mixes only samples that lie near each other in its open shards. The same "
+                    "input and seed give the same bytes.",
         formatter_class=HelpFormatter)
     p.add_argument("--out", required=True, help="output directory (must hold no .tar yet)")
     src = p.add_argument_group("source: a captions file ...")
@@ -31,6 +34,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--samples-per-shard", type=int, default=10000, help="samples per shard (img2dataset: 10000)")
     p.add_argument("--max-side", type=int, default=0, help="downscale so the longer side is at most this (0: keep)")
     p.add_argument("--quality", type=int, default=95, help="JPEG quality for re-encoded images")
+    order = p.add_argument_group("sample order")
+    order.add_argument("--seed", type=int, default=0, help="seed of the shuffled sample order")
+    order.add_argument("--no-shuffle", action="store_true",
+                       help="keep the input's order (rows of the captions file, or class by class): only for input "
+                            "that is already in random order, since training batches mix only nearby samples")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="encoding processes")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -47,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         pairs = read_class_tree(args.class_folders, read_templates(args.templates), args.classnames)
     summary = write_shards(pairs, args.out, args.samples_per_shard, args.max_side, args.quality, args.workers,
-                           progress=not args.no_progress)
+                           progress=not args.no_progress, shuffle_seed=None if args.no_shuffle else args.seed)
     print(summary.line())
     if summary.samples and summary.shards:
         print(f"shard spec: {os.path.join(args.out, '{' + f'00000..{summary.shards - 1:05d}' + '}.tar')}")

@@ -72,8 +72,11 @@ def run(args: argparse.Namespace) -> int:
             read[0] += 1
             yield text
 
-    path = train_tokenizer(captions(), args.out, vocab_size=args.vocab_size, lowercase=not args.no_lowercase,
-                           character_coverage=args.character_coverage, max_sentences=args.max_captions)
+    try:
+        path = train_tokenizer(captions(), args.out, vocab_size=args.vocab_size, lowercase=not args.no_lowercase,
+                               character_coverage=args.character_coverage, max_sentences=args.max_captions)
+    except ConfigError as e:
+        raise ConfigError(f"train-tokenizer: {e}") from None
     skipped = ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "nothing"
     print(f"wrote {path} from {read[0]} captions; skipped: {skipped}")
     return 0

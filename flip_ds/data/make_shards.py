@@ -3,8 +3,14 @@
 Each sample becomes KEY.jpg, KEY.txt (the caption, UTF-8) and KEY.json (key, caption, source path,
 sizes), in shards {00000..N}.tar of `samples_per_shard` samples; keys are img2dataset's: the shard
 number (5 digits) then the index in the shard. A JPEG that needs no resizing is stored byte for
-byte; anything else is re-encoded as JPEG. The output depends only on the input: rows keep their
-order, workers return results in order, tar headers carry no time or owner of this machine.
+byte; anything else is re-encoded as JPEG.
+
+Samples are written in a random order drawn from a seed (or, asked, in the input's order). The
+training stream mixes only the samples that sit near each other in a few open shards (docs/data.md),
+so input that comes sorted, a class-per-folder tree above all, would otherwise give batches of one
+class, hence one caption, from which a contrastive model learns nothing. The output depends only on
+the input and the seed: workers return results in order, tar headers carry no time or owner of
+this machine.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from dataclasses import dataclass
 from multiprocessing import Pool
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 from tqdm import tqdm
 from webdataset import ShardWriter
@@ -45,10 +52,12 @@ class Summary:
     shards: int
     skipped: dict[str, int]
     out: str
+    shuffle_seed: int | None = None  # None: the input's order
 
     def line(self) -> str:
         skipped = ", ".join(f"{k} {v}" for k, v in self.skipped.items() if v) or "nothing"
-        return f"wrote {self.samples} samples in {self.shards} shard(s) to {self.out}; skipped: {skipped}"
+        order = "in input order" if self.shuffle_seed is None else f"shuffled with seed {self.shuffle_seed}"
+        return f"wrote {self.samples} samples in {self.shards} shard(s) to {self.out}, {order}; skipped: {skipped}"
 
 
 def _column(fields: list[str], wanted: str | None, candidates: tuple[str, ...], source: str, what: str) -> str:
@@ -134,6 +143,12 @@ def read_class_tree(root: str, templates: list[str], classnames: str | None = No
     return pairs
 
 
+def shuffle_pairs(pairs: list[Pair], seed: int) -> list[Pair]:
+    """`pairs` in a random order that depends only on `seed` and their number."""
+    order = np.random.default_rng(seed).permutation(len(pairs))
+    return [pairs[i] for i in order]
+
+
 def _encode(pair: Pair, max_side: int, quality: int) -> tuple[bytes, dict] | str:
     """(JPEG bytes, metadata) of one pair, or the skip cause."""
     if not pair.caption.strip():
@@ -169,16 +184,24 @@ def _encode_job(job: tuple[Pair, int, int]) -> tuple[bytes, dict] | str:
 
 
 def write_shards(pairs: list[Pair], out: str, samples_per_shard: int = 10000, max_side: int = 0,
-                 quality: int = 95, workers: int = 1, progress: bool = True) -> Summary:
-    """Write `pairs` as shards under `out`, in order, skipping (and counting) what cannot be used."""
+                 quality: int = 95, workers: int = 1, progress: bool = True, shuffle_seed: int | None = 0) -> Summary:
+    """Write `pairs` as shards under `out`, skipping (and counting) what cannot be used.
+
+    They are written in the order shuffle_pairs(pairs, shuffle_seed) gives, or as they come when
+    `shuffle_seed` is None.
+    """
     if samples_per_shard < 1:
         raise ConfigError(f"samples per shard: {samples_per_shard} must be >= 1")
     if max_side < 0:
         raise ConfigError(f"max side: {max_side} must be >= 0 (0 keeps the size)")
+    if shuffle_seed is not None and shuffle_seed < 0:
+        raise ConfigError(f"seed: {shuffle_seed} must be >= 0")
     Path(out).mkdir(parents=True, exist_ok=True)
     stale = sorted(Path(out).glob("*.tar"))
     if stale:
         raise ConfigError(f"output directory '{out}' already holds shards ({stale[0].name}, ...); use an empty one")
+    if shuffle_seed is not None:
+        pairs = shuffle_pairs(pairs, shuffle_seed)
     digits = len(str(samples_per_shard - 1))
     skipped: Counter[str] = Counter(dict.fromkeys(SKIP_CAUSES, 0))
     written = 0
@@ -196,7 +219,7 @@ def write_shards(pairs: list[Pair], out: str, samples_per_shard: int = 10000, ma
                         "json": json.dumps({"key": key, **meta}, ensure_ascii=False).encode("utf-8")})
             written += 1
         shards = sink.shard
-    summary = Summary(written, shards if written else 0, dict(skipped), out)
+    summary = Summary(written, shards if written else 0, dict(skipped), out, shuffle_seed)
     if not written:  # ShardWriter opened one shard before it knew there would be nothing to write
         for tar in Path(out).glob("*.tar"):
             tar.unlink()

@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Iterable, Iterator
 
 import numpy as np
 import sentencepiece as spm
 
+from flip_ds.config_loader import ConfigError
+
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3  # fixed at training time, read by the text tower
+SPECIAL_PIECES = 4  # pad, unk, bos, eos
+# SentencePiece's own coverage check; and its words when the vocabulary cannot hold every character
+# kept, e.g. "Vocabulary size is smaller than required_chars. 10 vs 31.": 31 = characters + specials
+MIN_CHARACTER_COVERAGE = 0.98
+_TOO_SMALL = re.compile(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)")
 
 
 class Tokenizer:
@@ -42,27 +50,74 @@ class Tokenizer:
         return out[0] if single else out
 
 
+def check_training_settings(vocab_size: int, character_coverage: float) -> None:
+    """What SentencePiece would refuse with a bare assertion, as a ConfigError naming the setting."""
+    if vocab_size <= SPECIAL_PIECES:
+        raise ConfigError(f"vocab size {vocab_size} leaves no room for text: it must exceed the "
+                          f"{SPECIAL_PIECES} special pieces (pad, unk, bos, eos) plus the captions' characters")
+    if not MIN_CHARACTER_COVERAGE <= character_coverage <= 1.0:
+        raise ConfigError(f"character coverage {character_coverage} is outside SentencePiece's range "
+                          f"[{MIN_CHARACTER_COVERAGE}, 1]")
+
+
+def _training_error(error: RuntimeError, vocab_size: int, character_coverage: float,
+                    sentences: int) -> ConfigError | None:
+    """SentencePiece's refusal of the input as one line that says what to change; None for an
+    error that is not one of its checks (a fault of the caption source, say), which stays as it is."""
+    if not str(error).lstrip().upper().startswith("INTERNAL:"):  # how SentencePiece words a failed check
+        return None
+    if sentences == 0:
+        return ConfigError("no captions to train on: none was read, or every one was empty")
+    too_small = _TOO_SMALL.search(str(error))
+    if too_small:
+        needed = int(too_small.group(2))
+        return ConfigError(f"vocab size {vocab_size} is too small for these captions: their "
+                           f"{needed - SPECIAL_PIECES} distinct characters (at character coverage "
+                           f"{character_coverage:g}) and the {SPECIAL_PIECES} special pieces need {needed} pieces; "
+                           f"use a vocab size of at least {needed} (thousands for real captions) or a lower "
+                           "character coverage")
+    return ConfigError(f"SentencePiece cannot train on these captions: {' '.join(str(error).split())}")
+
+
 def train_tokenizer(captions: Iterable[str], model_prefix: str, vocab_size: int = 32000,
                     lowercase: bool = True, character_coverage: float = 0.9995,
                     max_sentences: int = 5_000_000) -> str:
-    """Train a unigram SentencePiece model on `captions`; returns the path of the .model file."""
+    """Train a unigram SentencePiece model on `captions`; returns the path of the .model file.
+
+    Settings or captions SentencePiece cannot train with (a vocabulary smaller than the captions'
+    characters, no captions) raise ConfigError with a one-line reason.
+    """
+    check_training_settings(vocab_size, character_coverage)
+    given = [0]
 
     def sentences() -> Iterator[str]:
         for text in captions:
             text = " ".join(text.split())
             if text:
+                given[0] += 1
                 yield text
 
     model = io.BytesIO()
+    try:
+        _train(sentences(), model, vocab_size, lowercase, character_coverage, max_sentences)
+    except RuntimeError as e:  # SentencePiece reports bad input as RuntimeError('INTERNAL: ...')
+        error = _training_error(e, vocab_size, character_coverage, given[0])
+        if error is None:
+            raise
+        raise error from None
+    path = f"{model_prefix}.model"
+    with open(path, "wb") as f:
+        f.write(model.getvalue())
+    return path
+
+
+def _train(sentences: Iterator[str], model: io.BytesIO, vocab_size: int, lowercase: bool,
+           character_coverage: float, max_sentences: int) -> None:
     spm.SentencePieceTrainer.train(
-        sentence_iterator=sentences(), model_writer=model, vocab_size=vocab_size,
+        sentence_iterator=sentences, model_writer=model, vocab_size=vocab_size,
         model_type="unigram", character_coverage=character_coverage, input_sentence_size=max_sentences,
         shuffle_input_sentence=True, pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
         # case folding lives in the model's normaliser, so encoding lowercases the same way
         normalization_rule_name="nmt_nfkc_cf" if lowercase else "nmt_nfkc", hard_vocab_limit=False,
         minloglevel=2,
     )
-    path = f"{model_prefix}.model"
-    with open(path, "wb") as f:
-        f.write(model.getvalue())
-    return path
