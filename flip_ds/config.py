@@ -68,7 +68,10 @@ class OptimConfig:
     base_lr: float = 4e-6  # per 256 samples: lr = base_lr x global_batch / 256 (FLIP)
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
-    weight_decay: float = 0.2  # not on biases, norms, position embeddings, CLS, temperature
+    weight_decay: float = 0.2
+    # which parameters weight decay spares (flip_ds.models.flip.decay_exempt): FLIP's rule spares
+    # biases, norms and position embeddings; OpenCLIP's spares biases, norms, CLS and the logit scale
+    no_decay: Literal["flip", "openclip"] = "flip"
     grad_clip: float = 0.0  # 0: no clipping (FLIP)
 
     def validate(self, prefix: str = "optim") -> None:
@@ -81,7 +84,11 @@ class OptimConfig:
 @dataclass
 class PhaseConfig:
     name: str
-    samples: int  # length of the phase in samples seen
+    # The phase's length, exactly one of: `samples` seen (steps: ceil(samples / global batch)), or
+    # FLIP's virtual `epochs` (steps: epochs x (recipe.epoch_samples // global batch), FLIP's own
+    # count, so 10,000 epochs at 64k are its 190,000 steps). Recipe.validate turns epochs into samples.
+    samples: int | None = None
+    epochs: int | None = None
     mask_ratio: float = 0.5  # share of image patches dropped
     text_mask_ratio: float = 0.0
     # samples per device per forward in this phase (a masked phase fits about twice the unmasked
@@ -89,16 +96,33 @@ class PhaseConfig:
     micro_batch: int | None = None
     base_lr: float | None = None  # per 256 samples; None: optim.base_lr
     warmup_samples: int = 0  # linear warmup, then cosine to zero over the rest of the phase
+    warmup_epochs: int = 0  # the same in virtual epochs, for a phase given in epochs
     reset_optimizer: bool = False  # drop Adam's moments at the start of this phase (FLIP's unmasked tuning)
 
     def validate(self, prefix: str = "phase") -> None:
-        check(self.samples > 0, f"{prefix}.samples: {self.samples} must be > 0")
+        self._validate_length(prefix)
         check(0.0 <= self.mask_ratio < 1.0, f"{prefix}.mask_ratio: {self.mask_ratio} is outside [0, 1)")
         check(0.0 <= self.text_mask_ratio < 1.0, f"{prefix}.text_mask_ratio: {self.text_mask_ratio} is outside [0, 1)")
-        check(0 <= self.warmup_samples <= self.samples,
-              f"{prefix}.warmup_samples: {self.warmup_samples} must be in [0, samples={self.samples}]")
         check(self.base_lr is None or self.base_lr > 0, f"{prefix}.base_lr: {self.base_lr} must be > 0")
         check(self.micro_batch is None or self.micro_batch > 0, f"{prefix}.micro_batch: {self.micro_batch} must be > 0")
+
+    def _validate_length(self, prefix: str) -> None:
+        """Exactly one of samples / epochs, with its own kind of warmup."""
+        check((self.samples is None) != (self.epochs is None),
+              f"{prefix}: give the phase's length as samples or as epochs, exactly one "
+              f"(got samples={self.samples}, epochs={self.epochs})")
+        if self.samples is not None:
+            check(self.samples > 0, f"{prefix}.samples: {self.samples} must be > 0")
+            check(self.warmup_epochs == 0,
+                  f"{prefix}.warmup_epochs: a phase given in samples takes warmup_samples, not warmup_epochs")
+            check(0 <= self.warmup_samples <= self.samples,
+                  f"{prefix}.warmup_samples: {self.warmup_samples} must be in [0, samples={self.samples}]")
+        else:
+            check(self.epochs > 0, f"{prefix}.epochs: {self.epochs} must be > 0")
+            check(self.warmup_samples == 0,
+                  f"{prefix}.warmup_samples: a phase given in epochs takes warmup_epochs, not warmup_samples")
+            check(0 <= self.warmup_epochs <= self.epochs,
+                  f"{prefix}.warmup_epochs: {self.warmup_epochs} must be in [0, epochs={self.epochs}]")
 
 
 @dataclass
@@ -133,6 +157,8 @@ class Recipe:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    # samples in one virtual epoch of phases[].epochs (FLIP's samples_per_epoch: ImageNet-1k's train set)
+    epoch_samples: int = IMAGENET_EPOCH
     phases: list[PhaseConfig] = field(default_factory=list)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -144,6 +170,30 @@ class Recipe:
             phase.validate(f"phases.{i}")
         names = [p.name for p in self.phases]
         check(len(names) == len(set(names)), f"phases: names must be unique, got {names}")
+        check(self.epoch_samples > 0, f"epoch_samples: {self.epoch_samples} must be > 0")
+        self._epochs_to_samples()
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps in one virtual epoch, counted as FLIP counts them (train.py's
+        samples_per_epoch // batch_size): whole global batches only, 1281167 // 65536 = 19."""
+        return self.epoch_samples // self.train.global_batch
+
+    def _epochs_to_samples(self) -> None:
+        """Rewrite every phase given in epochs as the samples of its whole steps, once the global
+        batch and epoch size are final: everything downstream (the schedule, checkpoint and eval
+        cadence, the planner) counts samples, and the recipe.yaml a checkpoint saves reloads to the
+        same steps."""
+        g = self.train.global_batch
+        for i, phase in enumerate(self.phases):
+            if phase.epochs is None:
+                continue
+            check(self.steps_per_epoch >= 1,
+                  f"phases.{i}.epochs: an epoch of epoch_samples={self.epoch_samples} is less than one global "
+                  f"batch ({g}); give this phase in samples")
+            phase.samples = phase.epochs * self.steps_per_epoch * g
+            phase.warmup_samples = phase.warmup_epochs * self.steps_per_epoch * g
+            phase.epochs, phase.warmup_epochs = None, 0
 
     @property
     def total_samples(self) -> int:

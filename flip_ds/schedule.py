@@ -1,4 +1,9 @@
-"""Where a step falls in the recipe's phases, and its learning rate (all counted in samples)."""
+"""Where a step falls in the recipe's phases, and its learning rate (all counted in samples).
+
+A phase runs ceil(samples / global batch) steps. A phase the recipe gives in FLIP's virtual epochs
+arrives here already as samples of whole steps (Recipe.validate: epochs x (epoch_samples // global
+batch) steps, FLIP's count), so the ceiling changes nothing for it.
+"""
 
 from __future__ import annotations
 
@@ -25,6 +30,9 @@ class PhasePlan:
         self.spans: list[PhaseSpan] = []
         first = 0
         for i, phase in enumerate(phases):
+            if phase.samples is None:
+                raise ValueError(f"phase '{phase.name}' is still in epochs: load recipes through load_recipe, "
+                                 "whose validation turns epochs into samples")
             steps = math.ceil(phase.samples / global_batch)
             base = phase.base_lr if phase.base_lr is not None else optim.base_lr
             self.spans.append(PhaseSpan(i, phase, first, steps, base * global_batch / 256))  # FLIP's lr scaling

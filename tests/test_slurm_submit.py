@@ -33,7 +33,7 @@ def test_dry_run_validates_for_the_world_size_and_prints_a_chain_of_sbatch_comma
     assert status == 0, err
     lines = out.strip().splitlines()
     assert lines[0] == ("recipe ok: world size 64: 128 per device x 8 accumulation x 64 ranks = global batch 65536; "
-                        "25747340000 samples in 2 phase(s)")
+                        "25028198400 samples in 2 phase(s)")  # (380,000 + 1,900) steps x 65,536
     commands = [shlex.split(line) for line in lines[1:]]
     assert len(commands) == 3
     for k, cmd in enumerate(commands):

@@ -1,12 +1,19 @@
-"""`flip-ds plan`: per-GPU memory, fit, micro batch, FLOPs and wall-clock of a recipe on N GPUs."""
+"""`flip-ds plan`: per-GPU memory, fit, micro batch, FLOPs and wall-clock of a recipe on N GPUs.
+
+One recipe on one GPU count prints the full table; several recipes or GPU counts print them side
+by side, a block per GPU count with a column per recipe (e.g. ZeRO-3 against ZeRO-2 of one run).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
+from pathlib import Path
 
 from flip_ds import cost
 from flip_ds.cli import HelpFormatter
+from flip_ds.config_loader import check
 from flip_ds.plan import GIB, Plan
 
 
@@ -20,10 +27,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "published CLIP runs, communication over stated bandwidths, evaluations, checkpoint writes, "
                     "restarts and failures. See docs/planner.md.",
         formatter_class=HelpFormatter)
-    p.add_argument("recipe", help="YAML recipe (see configs/)")
-    p.add_argument("overrides", nargs="*",
-                   help="dotted overrides KEY=VALUE, right after the recipe, e.g. train.micro_batch=64")
-    p.add_argument("--gpus", type=int, required=True, help="number of GPUs (ranks)")
+    p.add_argument("recipes", nargs="+", metavar="RECIPE",
+                   help="one or more YAML recipes (see configs/), then dotted overrides KEY=VALUE applied to each, "
+                        "e.g. train.micro_batch=64; several recipes are compared side by side")
+    p.add_argument("--gpus", type=int, nargs="+", required=True,
+                   help="number of GPUs (ranks); several (e.g. 64 256 512) are compared side by side")
     p.add_argument("--gpu-mem", type=float, required=True, help="memory per GPU in GiB, e.g. 80")
     p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (host memory of offloaded states)")
     p.add_argument("--tflops", type=float, default=cost.H100_BF16_TFLOPS,
@@ -46,23 +54,39 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="GiB per GPU held back for the CUDA context, NCCL buffers and fragmentation")
     p.add_argument("--vocab-size", type=int, default=32000,
                    help="text vocabulary, used when the recipe's tokenizer file is not on this machine")
-    p.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    p.add_argument("--json", action="store_true",
+                   help="print JSON instead of the table (a list of plans when comparing several)")
     p.set_defaults(func=run)
+
+
+def split_recipes_and_overrides(args: list[str]) -> tuple[list[str], list[str]]:
+    """Positional arguments with '=' are overrides (they apply to every recipe); the others recipes."""
+    recipes = [a for a in args if "=" not in a]
+    overrides = [a for a in args if "=" in a]
+    check(bool(recipes), "plan: name at least one recipe before the KEY=VALUE overrides")
+    return recipes, overrides
 
 
 def run(args: argparse.Namespace) -> int:
     from flip_ds.config import load_recipe
     from flip_ds.plan import Cluster, plan, vocab_size_of
 
-    recipe = load_recipe(args.recipe, args.overrides)
-    cluster = Cluster(gpus=args.gpus, gpu_mem_gib=args.gpu_mem, gpus_per_node=args.gpus_per_node,
-                      reserve_gib=args.reserve)
+    paths, overrides = split_recipes_and_overrides(args.recipes)
+    recipes = {path: load_recipe(path, overrides) for path in paths}  # every recipe's errors before any planning
     setting = cost.Setting(peak_tflops=args.tflops, mfu=tuple(args.mfu), intra_node_gbps=args.intra_node_gbps,
                            inter_node_gbps=args.inter_node_gbps, checkpoint_write_gbps=args.checkpoint_write_gbps,
                            job_hours=args.job_hours, restart_s=args.restart_s,
                            failures_per_gpu_day=args.failures_per_gpu_day)
-    result = plan(recipe, cluster, setting, vocab_size_of(recipe, args.vocab_size), recipe_name=args.recipe)
-    print(json.dumps(result.to_dict(), indent=2) if args.json else format_plan(result))
+    plans = []
+    for gpus in args.gpus:
+        cluster = Cluster(gpus=gpus, gpu_mem_gib=args.gpu_mem, gpus_per_node=args.gpus_per_node,
+                          reserve_gib=args.reserve)
+        for path, recipe in recipes.items():
+            plans.append(plan(recipe, cluster, setting, vocab_size_of(recipe, args.vocab_size), recipe_name=path))
+    if args.json:
+        print(json.dumps(plans[0].to_dict() if len(plans) == 1 else [p.to_dict() for p in plans], indent=2))
+    else:
+        print(format_plan(plans[0]) if len(plans) == 1 else format_comparison(plans))
     return 0
 
 
@@ -144,3 +168,66 @@ def format_plan(p: Plan) -> str:
               f"communication hidden, the slow end at {low:.1%} with none (docs/planner.md says where each "
               "figure comes from)"]
     return "\n".join(head + lines)
+
+
+def _phase_label(group: list[Plan], i: int) -> str:
+    return "/".join(dict.fromkeys(p.phases[i].name for p in group if i < len(p.phases))) or f"phase {i}"
+
+
+def _phase_values(group: list[Plan], i: int, value: Callable[[Plan, int], str]) -> list[str]:
+    """Phase i's value for each recipe; '-' where a recipe has fewer phases."""
+    return [value(p, i) if i < len(p.phases) else "-" for p in group]
+
+
+def _comparison_block(group: list[Plan]) -> list[str]:
+    """One GPU count: a row per quantity, a column per recipe."""
+    c = group[0].cluster
+    names = [Path(p.recipe).stem if p.recipe else p.model for p in group]
+    label_width = 44
+    col = max(16, *(len(n) + 3 for n in names))
+    lines = [f"{c.gpus} GPUs x {c.gpu_mem_gib:g} GiB ({c.nodes} node(s) of {c.gpus_per_node})",
+             f"{'':<{label_width}}" + "".join(f"{n:>{col}}" for n in names)]
+
+    def row(label: str, values: list[str]) -> None:
+        lines.append(f"{label:<{label_width}}" + "".join(f"{v:>{col}}" for v in values))
+
+    row("ZeRO stage, activation checkpointing",
+        [f"{p.zero.stage}, {'on' if p.checkpointing else 'off'}" for p in group])
+    row("micro x accum", [f"{p.micro_batch} x {p.accum_steps or '?'}" for p in group])
+    row("model states (GiB)", [_gib(p.states.total) for p in group])
+    row("activations, worst phase (GiB)", [_gib(max(p.activations_of(ph).towers for ph in p.phases)) for p in group])
+    row("contrastive logits (GiB)", [_gib(max(p.activations_of(ph).logits for ph in p.phases)) for p in group])
+    row("ZeRO buckets + reserve (GiB)", [_gib(p.fixed_bytes - p.states.total) for p in group])
+    row("peak per GPU (GiB)", [_gib(p.peak_bytes) for p in group])
+    row(f"fits in {c.gpu_mem_gib:g} GiB", ["yes" if p.fits else "NO" for p in group])
+    row("largest micro batch that fits", [f"{p.max_micro_batch} (accum {p.max_micro_accum})" if p.max_micro_batch
+                                          else "none" for p in group])
+    for i in range(max(len(p.phases) for p in group)):
+        label = _phase_label(group, i)
+        row(f"{label}: steps", _phase_values(group, i, lambda p, i: f"{p.clock.phases[i].steps:,}"))
+        row(f"{label}: compute s/step", _phase_values(
+            group, i, lambda p, i: f"{p.clock.phases[i].compute_s[1]:.2f}-{p.clock.phases[i].compute_s[0]:.2f}"))
+        row(f"{label}: communication s/step", _phase_values(
+            group, i, lambda p, i: f"{p.clock.phases[i].communication_s:.2f}"))
+        row(f"{label}: samples/s per GPU", _phase_values(group, i, lambda p, i: _samples_per_s(p, p.clock.phases[i])))
+    row("wall-clock (days)", [f"{p.hours[1] / 24:,.1f}-{p.hours[0] / 24:,.1f}" for p in group])
+    row("GPU-hours", [f"{p.gpu_hours[1]:,.0f}-{p.gpu_hours[0]:,.0f}" for p in group])
+    return lines
+
+
+def _samples_per_s(p: Plan, ph: cost.PhaseClock) -> str:
+    per = [ph.steps * p.global_batch / (hours * 3600) / p.cluster.gpus for hours in ph.hours]
+    return f"{per[0]:,.0f}-{per[1]:,.0f}"
+
+
+def format_comparison(plans: list[Plan]) -> str:
+    """Several plans side by side: a block per GPU count, a column per recipe."""
+    blocks = []
+    for gpus in dict.fromkeys(p.cluster.gpus for p in plans):
+        blocks.append("\n".join(_comparison_block([p for p in plans if p.cluster.gpus == gpus])))
+    s = plans[0].setting
+    low, high = s.mfu
+    footer = (f"ranges: the fast end at {high:.1%} MFU with all communication hidden, the slow end at {low:.1%} with "
+              f"none;\ncommunication at {s.intra_node_gbps:g} GB/s within a node, {s.inter_node_gbps:g} GB/s across "
+              "nodes; one recipe on one GPU count prints its full table (docs/planner.md)")
+    return "\n\n".join(blocks + [footer])
