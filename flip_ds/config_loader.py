@@ -40,14 +40,13 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        errors = []
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return _convert(value, arg, key)
-            except ConfigError as e:
-                errors.append(e)
+            except ConfigError:
+                continue
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
     if origin is Literal:
         if value not in args:
@@ -96,12 +95,19 @@ def _yaml_number(text: str) -> Any:
 
 
 def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
-    """Build dataclass `cls` from `data`; unknown keys and wrong types raise ConfigError."""
+    """Build dataclass `cls` from `data`; unknown keys and wrong types raise ConfigError.
+
+    A key that moved elsewhere is named in the class's `moved_keys` (key: where it went), so its
+    error points there instead of listing the fields.
+    """
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
+    moved = vars(cls).get("moved_keys", {})
     kwargs = {}
     for key, value in data.items():
         full = f"{prefix}.{key}" if prefix else str(key)
+        if key in moved:
+            raise ConfigError(f"'{full}' is not a {cls.__name__} key; {moved[key]}")
         if key not in names:
             raise ConfigError(f"unknown key '{full}'; {cls.__name__} has: {', '.join(names)}")
         kwargs[key] = _convert(value, hints[key], full)

@@ -7,17 +7,18 @@ from typing import Any
 import torch
 from torch import nn
 
+from flip_ds import distributed
 from flip_ds.config import BatchSplit, Recipe
 from flip_ds.engine_config import deepspeed_config
-from flip_ds.models.flip import no_weight_decay
+from flip_ds.models.flip import FLIP, decay_exempt
 
 
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            (no_decay if no_weight_decay(name, param) else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def parameter_groups(model: FLIP, weight_decay: float, no_decay: str) -> list[dict[str, Any]]:
+    """AdamW's two groups: decayed, and spared by the `no_decay` rule (flip_ds.models.flip.decay_exempt)."""
+    exempt = decay_exempt(model, no_decay)
+    trained = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    return [{"params": [p for name, p in trained if name not in exempt], "weight_decay": weight_decay},
+            {"params": [p for name, p in trained if name in exempt], "weight_decay": 0.0}]
 
 
 def initialize(model: nn.Module, recipe: Recipe, split: BatchSplit, device: str, precision: str,
@@ -30,9 +31,48 @@ def initialize(model: nn.Module, recipe: Recipe, split: BatchSplit, device: str,
     config = deepspeed_config(recipe, split, device, precision)
     if load_universal:
         config["checkpoint"] = {**config.get("checkpoint", {}), "load_universal": True}
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=parameter_groups(model, recipe.optim.weight_decay),
-                                      config=config)
+    groups = parameter_groups(model, recipe.optim.weight_decay, recipe.optim.no_decay)
+    logit_scale = model.logit_scale.detach().float().clone()
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=config)
+    if precision != "fp32":  # DeepSpeed made the fp32 master from the bf16 cast: give it the exact value
+        _set_fp32_master(engine.module.logit_scale, logit_scale.to(engine.device))
+    refresh_fp32_logit_scale(engine)
     return engine
+
+
+def _set_fp32_master(param: nn.Parameter, value: torch.Tensor) -> None:
+    """Write `value` into the optimizer's fp32 master of `param` (no collective).
+
+    Under ZeRO-3 each rank writes the slice it holds; DeepSpeed's setter reads past the end of
+    `value` on a rank whose slice is only padding (a 1-element parameter on 2+ ranks), and such a
+    rank has nothing to write.
+    """
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    if hasattr(param, "ds_tensor") and distributed.rank() * param.ds_tensor.numel() >= param.ds_numel:
+        return
+    safe_set_full_fp32_param(param, value)
+
+
+def load_checkpoint(engine, directory: str, tag: str) -> dict[str, Any]:
+    """Weights and optimizer state from a DeepSpeed checkpoint; returns its client state. The lr is
+    the plan's, so the scheduler state is not read."""
+    _, client = engine.load_checkpoint(directory, tag=tag, load_lr_scheduler_states=False)
+    refresh_fp32_logit_scale(engine)
+    return client
+
+
+def refresh_fp32_logit_scale(engine) -> None:
+    """Hand the model the optimizer's fp32 master value of the logit scale (a no-op in fp32).
+
+    Call it on every rank (under ZeRO the master is partitioned and gathered) after each update
+    and after loading a checkpoint; FLIP.scale computes with it, so tau moves as it would in fp32.
+    """
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    model = engine.module
+    if model.logit_scale.dtype != torch.float32:
+        model.fp32_logit_scale = safe_get_full_fp32_param(model.logit_scale).detach().clone()
 
 
 def set_batch_split(engine, split: BatchSplit, global_batch: int) -> None:

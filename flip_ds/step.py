@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from flip_ds.distributed import any_rank
+from flip_ds.engine import refresh_fp32_logit_scale
 from flip_ds.loss import contrastive_loss
 from flip_ds.metrics import Stopwatch
 from flip_ds.models.attention import training_attention
@@ -75,6 +76,7 @@ def _contrastive_step(engine, micro_batches: list[tuple[torch.Tensor, torch.Tens
         engine.backward(loss)
         watch.lap("forward_backward")
         engine.step()
+        refresh_fp32_logit_scale(engine)
         watch.lap("optimizer")
         return outcome(loss, scale, flags)
 
@@ -95,4 +97,5 @@ def _contrastive_step(engine, micro_batches: list[tuple[torch.Tensor, torch.Tens
         watch.lap("forward_backward")
         engine.step()  # a real update only after the last micro batch
         watch.lap("optimizer")
+    refresh_fp32_logit_scale(engine)
     return outcome(loss, cached[0][2], flags)

@@ -171,6 +171,9 @@ def test_two_rank_smoke_run_reports_every_setup_consistently(tmp_path):
     assert [p["mask"] for p in result["peer"]] == [0.0, 0.5]
     assert all(p["speedup"] == pytest.approx(p["flip_ds_samples_per_s"] / p["open_clip_samples_per_s"])
                for p in result["peer"])
+    text = {r["text_mask"]: r for r in result["text_tower"]}  # the text tower alone, tokens dropped
+    assert set(text) == {0.0, 0.5} and (text[0.0]["tokens"], text[0.5]["tokens"]) == (32, 16)
+    assert text[0.5]["vs_text_mask0"] == pytest.approx(text[0.5]["ms"] / text[0.0]["ms"])
     unmasked, masked = result["max_batch"]
     assert unmasked["batch"] == 4  # the budget is what mask 0 needs at the run's batch
     assert masked["batch"] > unmasked["batch"] and masked["activation_gb"] <= masked["budget_gb"]

@@ -4,6 +4,7 @@ optimizer reset, activation checkpointing's memory, and the phase / lr plan."""
 from __future__ import annotations
 
 import gc
+import math
 
 import deepspeed
 import pytest
@@ -18,7 +19,7 @@ from flip_ds.models.flip import FLIP, build_model
 from flip_ds.schedule import PhasePlan
 from flip_ds.step import contrastive_step
 from tests.distributed_helpers import run_on_ranks
-from tests.engine_helpers import synthetic_batches, tiny_recipe
+from tests.engine_helpers import ZERO3_PARTITION_ALL, synthetic_batches, tiny_recipe
 
 
 def _engine(tmp, *overrides):
@@ -177,3 +178,40 @@ def test_phase_plan_lr_warmup_cosine_and_switch():
     assert plan.lr_at(2) == pytest.approx(peak)  # warmup done: cosine starts at the peak
     assert plan.lr_at(9) == pytest.approx(peak * 0.5 * (1 + torch.cos(torch.tensor(7 / 8 * torch.pi)).item()))
     assert plan.lr_at(10) == pytest.approx(peak / 10)  # phase b: its own peak, no warmup
+
+
+def _fp32_logit_scale_check(rank: int, world: int, tmp, zero) -> None:
+    """Adam's first step moves a parameter by lr (g / |g|), so the logit scale must move by exactly
+    lr = 1e-3. Its bf16 copy could not: at log(1/0.07) = 2.66 bf16 values are 0.0156 apart."""
+    from flip_ds.engine import load_checkpoint, set_lr
+
+    lr = 1e-3
+    recipe = tiny_recipe(tmp / f"r{rank}", "train.global_batch=16", "train.micro_batch=8", "train.precision=bf16",
+                         "optim.weight_decay=0", zero=zero)
+    torch.manual_seed(0)
+    engine = initialize(build_model(recipe.model, vocab_size=100), recipe, BatchSplit(recipe.train.micro_batch, 1),
+                        device="cpu", precision=recipe.train.precision)
+    assert engine.module.logit_scale.dtype == torch.bfloat16  # DeepSpeed cast the parameter ...
+    set_lr(engine, lr)
+    first = _step(engine, rank, 0)
+    assert 1 / first.temperature == pytest.approx(1 / 0.07, rel=1e-6)  # ... forward uses the fp32 value
+    second = _step(engine, rank, 1)
+    moved = math.log(first.temperature / second.temperature)
+    assert abs(moved) == pytest.approx(lr, rel=1e-3), moved
+    engine.save_checkpoint(str(tmp / "ckpt"), tag="two")  # after two updates; every rank writes its part
+    set_lr(engine, 0.0)
+    saved = _step(engine, rank, 2).temperature
+    engine.destroy()
+
+    torch.manual_seed(1)  # another init: the checkpoint must bring the fp32 value back
+    again = initialize(build_model(recipe.model, vocab_size=100), recipe, BatchSplit(recipe.train.micro_batch, 1),
+                       device="cpu", precision=recipe.train.precision)
+    load_checkpoint(again, str(tmp / "ckpt"), "two")
+    set_lr(again, 0.0)
+    assert _step(again, rank, 2).temperature == pytest.approx(saved, rel=1e-6)
+    again.destroy()
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_the_logit_scale_trains_in_fp32_under_bf16(tmp_path, stage):
+    run_on_ranks(_fp32_logit_scale_check, 2, tmp_path, ZERO2 if stage == 2 else ZERO3_PARTITION_ALL)

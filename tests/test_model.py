@@ -145,34 +145,90 @@ def test_causal_text_pools_eos_and_ignores_later_tokens():
         assert not torch.allclose(model.encode_text(a), model.encode_text(c))
 
 
-def test_text_masking_hides_tokens_but_never_token_zero():
-    model = tiny()
-    tokens = torch.tensor([[2] + list(range(10, 30)) + [3] + [0] * 10])
-    valid = tokens != 0
-    hidden = model.text._random_token_mask(valid, 0.5, torch.Generator().manual_seed(0))
-    assert int(hidden.sum()) == 10 and not hidden[0, 0] and not (hidden & ~valid).any()
+def _text_block_input_lengths(model: FLIP, tokens: torch.Tensor, ratio: float) -> tuple[torch.Tensor, list[int]]:
+    lengths = []
+    hook = model.text.blocks[0].register_forward_pre_hook(lambda _m, args: lengths.append(args[0].shape[1]))
     with torch.no_grad():
-        masked = model.encode_text(tokens, 0.5, torch.Generator().manual_seed(0))
-    assert not torch.allclose(masked, model.encode_text(tokens))
+        out = model.encode_text(tokens, ratio, torch.Generator().manual_seed(0))
+    hook.remove()
+    return out, lengths
 
 
-def test_embeddings_are_normalised_and_temperature_is_one_element():
+@pytest.mark.parametrize("text_attention", ["bidirectional", "causal"])
+def test_text_masking_drops_tokens_so_the_tower_runs_on_fewer(text_attention):
+    model = tiny(activation_checkpointing=False, text_attention=text_attention)
+    tokens = torch.tensor([[2] + list(range(10, 30)) + [3] + [0] * 10] * 3)  # 32 tokens, 22 real
+    full, full_lengths = _text_block_input_lengths(model, tokens, 0.0)
+    masked, masked_lengths = _text_block_input_lengths(model, tokens, 0.5)
+    assert full_lengths == [32] and masked_lengths == [16]
+    assert not torch.allclose(masked, full)
+    with torch.no_grad():
+        assert torch.equal(full, model.encode_text(tokens))  # ratio 0 is the unmasked tower, bit for bit
+
+
+def test_text_masking_keeps_the_pooled_token_and_pad_first_drops_padding_before_words():
+    from flip_ds.models.text import drop_tokens
+
+    tokens = torch.tensor([[2] + list(range(10, 30)) + [3] + [0] * 10] * 64)  # 22 real, 10 pads
+    valid = tokens != 0
+    x = torch.arange(32.0).expand(64, 32).unsqueeze(-1)  # each token carries its position
+    eos_at = torch.full((64,), 21)
+    for pad_first, keep_at in ((False, torch.zeros(64, dtype=torch.long)), (True, eos_at)):
+        kept, kept_valid, pool_at = drop_tokens(x, valid, keep_at, 0.5, pad_first, torch.Generator().manual_seed(0))
+        positions = kept.squeeze(-1).long()
+        assert positions.shape == (64, 16) and (positions.diff(dim=1) > 0).all()  # kept in their order
+        assert torch.equal(kept_valid, positions < 22)
+        assert torch.equal(positions[torch.arange(64), pool_at], keep_at)  # the pooled token is still there
+        pads_kept = (~kept_valid).sum(dim=1)
+        if pad_first:  # 16 kept of 22 real: every pad goes first, then 6 random words
+            assert (pads_kept == 0).all()
+            assert len({tuple(row.tolist()) for row in positions}) > 1
+        else:  # any token may go: about 15 x 10/31 pads are kept per row
+            assert 3.0 < pads_kept.float().mean().item() < 7.0
+
+
+def test_logit_scale_starts_at_flips_value_and_is_fp32():
     model = tiny()
     img, txt, scale = model(torch.randn(2, 3, 64, 64), torch.tensor([[2, 5, 3, 0]] * 2))
     assert torch.allclose(img.norm(dim=-1), torch.ones(2)) and torch.allclose(txt.norm(dim=-1), torch.ones(2))
-    assert model.log_temperature.shape == (1,) and scale.shape == (1,)
-    assert scale.item() == pytest.approx(1 / 0.01, rel=1e-5)
+    assert model.logit_scale.shape == (1,) and scale.shape == (1,) and scale.dtype == torch.float32
+    assert scale.item() == pytest.approx(1 / 0.07, abs=1e-4)  # 14.2857
+    assert scale.item() == pytest.approx(14.29, abs=0.005)
 
 
-def test_temperature_clipping_holds_after_a_step_pushes_past_the_limit():
-    model = tiny(temperature_init=0.01, temperature_min=0.01)
-    opt = torch.optim.SGD([model.log_temperature], lr=10.0)
+def test_logit_scale_never_exceeds_100_after_steps_that_push_it_up():
+    model = tiny()
+    opt = torch.optim.SGD([model.logit_scale], lr=1.0)
+    for _ in range(3):
+        _, _, scale = model(torch.randn(2, 3, 64, 64), torch.tensor([[2, 5, 3, 0]] * 2))
+        assert scale.item() <= 100.0 + 1e-4  # exp(log 100) in fp32 is 100.0000076
+        opt.zero_grad()
+        (-scale).sum().backward()  # wants a larger scale, i.e. a smaller tau
+        opt.step()
+    assert model.logit_scale.exp().item() > 100.0  # the raw parameter went past the limit ...
     _, _, scale = model(torch.randn(2, 3, 64, 64), torch.tensor([[2, 5, 3, 0]] * 2))
-    (-scale).sum().backward()  # wants a larger scale, i.e. a smaller tau
-    opt.step()
-    assert model.log_temperature.exp().item() < 0.01  # the raw parameter went past the limit ...
-    _, _, scale = model(torch.randn(2, 3, 64, 64), torch.tensor([[2, 5, 3, 0]] * 2))
-    assert scale.item() == pytest.approx(100.0, rel=1e-5)  # ... the forward still clips it to tau 0.01
+    assert scale.item() == pytest.approx(100.0, rel=1e-6)  # ... the forward still clips it to tau 0.01
+    (-scale).sum().backward()
+    assert model.logit_scale.grad.item() == 0.0  # and, as jnp.clip, passes no gradient beyond it
+
+
+def test_weight_decay_rules_name_the_parameters_they_spare():
+    from flip_ds.models.flip import decay_exempt
+
+    model = tiny()
+    flip, openclip = decay_exempt(model, "flip"), decay_exempt(model, "openclip")
+    spared_by_both = {"visual.patch_embed.proj.bias", "visual.blocks.0.norm1.weight", "visual.blocks.0.norm1.bias",
+                      "visual.blocks.0.attn.qkv.bias", "visual.blocks.3.mlp.fc2.bias", "visual.norm.weight",
+                      "text.blocks.0.norm2.weight", "text.norm.bias"}
+    assert spared_by_both <= flip and spared_by_both <= openclip
+    assert flip - openclip == {"visual.pos_embed", "text.pos_embed"}
+    assert openclip - flip == {"visual.cls_token", "logit_scale"}
+    decayed_by_both = {"visual.patch_embed.proj.weight", "visual.blocks.0.attn.qkv.weight", "text.token_embed.weight",
+                       "visual_proj.weight", "text_proj.weight"}
+    assert not decayed_by_both & (flip | openclip)
+    names = {name for name, _ in model.named_parameters()}
+    assert flip <= names and openclip <= names
+    assert len(flip) == len([n for n in names if n.endswith(".bias") or "norm" in n]) + 2
 
 
 @pytest.mark.parametrize("text_attention", ["bidirectional", "causal"])

@@ -19,7 +19,8 @@ from flip_ds import distributed
 from flip_ds.bench.cases import interleave, median
 from flip_ds.bench.flip_case import FlipEngine, FlipStepCase
 from flip_ds.bench.peak import MatmulPeak
-from flip_ds.bench.table import Row, fill_mask_ratios, fill_throughput, largest_batch, peer_summary
+from flip_ds.bench.table import Row, fill_mask_ratios, fill_throughput, largest_batch, peer_summary, text_tower_summary
+from flip_ds.bench.text_case import TextTowerCase, text_tower
 from flip_ds.config_loader import ConfigError, check
 from flip_ds.distributed import detect_dist_env, init_distributed, max_over_ranks, shutdown
 from flip_ds.models.config import REGISTRY, ModelConfig
@@ -33,6 +34,7 @@ class BenchSpec:
     model: str = "B/16"
     batch: int = 8  # per rank
     masks: list[float] = field(default_factory=lambda: [0.0, 0.5, 0.75])
+    text_masks: list[float] = field(default_factory=lambda: [0.0, 0.5])  # the text tower alone; []: not timed
     precisions: list[str] = field(default_factory=lambda: ["auto"])  # auto: what the hardware does fast
     stages: list[int] = field(default_factory=lambda: [1])
     steps: int = 2  # optimizer steps per timed block
@@ -50,6 +52,7 @@ class BenchSpec:
         check(self.model in REGISTRY, f"--model: '{self.model}' is not a model; choose one of {', '.join(REGISTRY)}")
         check(self.batch > 0, f"--batch: {self.batch} must be > 0")
         check(bool(self.masks) and all(0.0 <= m < 1.0 for m in self.masks), f"--masks: {self.masks} must be in [0, 1)")
+        check(all(0.0 <= m < 1.0 for m in self.text_masks), f"--text-masks: {self.text_masks} must be in [0, 1)")
         for name, values in (("--precision", self.precisions), ("--peer-precision", self.peer_precisions or ["auto"])):
             check(bool(values) and all(p in PRECISIONS for p in values), f"{name}: {values}: {', '.join(PRECISIONS)}")
         check(all(s in (1, 2, 3) for s in self.stages), f"--zero: {self.stages}: ZeRO stages are 1, 2 or 3")
@@ -80,12 +83,13 @@ class BenchResult:
     rows: list[Row]
     peer: list[dict[str, Any]]  # table.peer_summary
     max_batch: list[dict[str, Any]]
+    text_tower: list[dict[str, Any]]  # per precision and text mask: the text tower's forward + backward
 
     def to_dict(self) -> dict[str, Any]:
         return {"machine": self.machine, "spec": dataclasses.asdict(self.spec),
                 "peak_tflops_per_rank": self.peak_tflops_per_rank,
                 "rows": [{**dataclasses.asdict(r), "ratio_over_flops": r.ratio_over_flops} for r in self.rows],
-                "peer": self.peer, "max_batch": self.max_batch}
+                "peer": self.peer, "max_batch": self.max_batch, "text_tower": self.text_tower}
 
 
 def run_bench(spec: BenchSpec) -> BenchResult | None:
@@ -149,7 +153,9 @@ def _measure(spec: BenchSpec, world: int, local_world: int, device: str) -> Benc
                                   threads=_node_threads() if device == "cpu" else torch.get_num_threads())
         peer_cases = [OpenClipStepCase(trainer, p, m) for p in spec.peer_precisions or spec.precisions
                       for m in spec.masks]
-    cases = [*peaks.values(), *flip_cases, *peer_cases]
+    text_cases = [TextTowerCase(text_tower(cfg, spec.vocab_size, p, device), engines[0].tokens, p, m, device)
+                  for p in spec.precisions for m in spec.text_masks]
+    cases = [*peaks.values(), *flip_cases, *peer_cases, *text_cases]
     _log(f"{len(cases)} cases x {spec.rounds} rounds x {spec.steps} steps, interleaved")
     samples = interleave(cases, spec.rounds, spec.steps, spec.warmup, progress=_log)
     peak_per_rank = {p: peak.tflops(median(samples[peak.name])) for p, peak in peaks.items()}
@@ -177,7 +183,9 @@ def _measure(spec: BenchSpec, world: int, local_world: int, device: str) -> Benc
     for e in engines:
         e.destroy()
     machine = {**machine_info(device, world), "load_average_before": load_before, "load_average_after": _load_average()}
-    return BenchResult(machine, spec, peak_per_rank, rows, peer_summary(rows), max_batch)
+    text = text_tower_summary([(c.precision, c.ratio, median(samples[c.name])) for c in text_cases],
+                              cfg.context_length)
+    return BenchResult(machine, spec, peak_per_rank, rows, peer_summary(rows), max_batch, text)
 
 
 def _largest_batches(spec: BenchSpec, engine: FlipEngine) -> list[dict[str, Any]]:

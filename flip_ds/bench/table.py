@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from flip_ds.models.config import ModelConfig
 from flip_ds.models.flops import flops_per_sample
+from flip_ds.models.text import kept_tokens
 
 
 @dataclass
@@ -145,4 +146,25 @@ def format_max_batch(entries: list[dict]) -> str:
     for e in entries:
         lines.append(f"{e['mask']:>4g} {e['batch']:>13} {e['batch_vs_mask0']:>8.2f} {e['activation_gb']:>14.3f} "
                      f"{e['budget_gb']:>9.3f}")
+    return "\n".join(lines)
+
+
+def text_tower_summary(timings: list[tuple[str, float, float]], context_length: int) -> list[dict]:
+    """(precision, text mask, seconds) of the text tower alone as rows, each against the same
+    precision at text mask 0 (when it was timed) and the token count's ratio."""
+    unmasked = {p: s for p, m, s in timings if m == 0.0}
+    rows = []
+    for precision, mask, seconds in timings:
+        tokens = kept_tokens(context_length, mask)
+        base = unmasked.get(precision)
+        rows.append({"precision": precision, "text_mask": mask, "tokens": tokens, "ms": 1e3 * seconds,
+                     "vs_text_mask0": seconds / base if base else None, "tokens_ratio": tokens / context_length})
+    return rows
+
+
+def format_text_tower(rows: list[dict]) -> str:
+    lines = [f"{'precision':<9} {'text mask':>9} {'tokens':>6} {'fwd+bwd ms':>10} {'vs mask0':>8} {'tokens':>6}"]
+    for r in rows:
+        lines.append(f"{r['precision']:<9} {r['text_mask']:>9g} {r['tokens']:>6} {r['ms']:>10.2f} "
+                     f"{_fmt(r['vs_text_mask0'], '8.3f'):>8} {r['tokens_ratio']:>6.3f}")
     return "\n".join(lines)

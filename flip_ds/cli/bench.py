@@ -21,6 +21,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="B/16", help="registry size: tiny, B/16, L/16, L/14, H/14")
     p.add_argument("--batch", type=int, default=8, help="samples per rank per step")
     p.add_argument("--masks", type=float, nargs="+", default=[0.0, 0.5, 0.75], help="image mask ratios")
+    p.add_argument("--text-masks", type=float, nargs="*", default=[0.0, 0.5],
+                   help="text mask ratios at which the text tower alone is timed (forward + backward, tokens "
+                        "dropped as phases[].text_mask_ratio drops them); none: not timed")
     p.add_argument("--precision", nargs="+", choices=["auto", "bf16", "fp32"], default=["auto"],
                    help="precisions; auto: bf16 on GPUs and on CPUs with native bf16, fp32 on other CPUs")
     p.add_argument("--zero", type=int, nargs="+", default=[1], help="ZeRO stages (ds_configs/zero{1,2,3}.json)")
@@ -47,9 +50,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from flip_ds.bench.runner import BenchSpec, run_bench
-    from flip_ds.bench.table import format_max_batch, format_peer, format_rows
+    from flip_ds.bench.table import format_max_batch, format_peer, format_rows, format_text_tower
 
-    spec = BenchSpec(model=args.model, batch=args.batch, masks=args.masks, precisions=args.precision,
+    spec = BenchSpec(model=args.model, batch=args.batch, masks=args.masks, text_masks=args.text_masks,
+                     precisions=args.precision,
                      stages=args.zero, steps=args.steps, rounds=args.rounds, warmup=args.warmup, peer=args.peer,
                      peer_precisions=args.peer_precision,
                      max_batch=args.max_batch, memory_budget_gb=args.memory_budget_gb,
@@ -73,6 +77,9 @@ def run(args: argparse.Namespace) -> int:
     if result.max_batch:
         print(f"\n# largest batch per rank under the same memory ({result.max_batch[0]['measure']})")
         print(format_max_batch(result.max_batch))
+    if result.text_tower:
+        print(f"\n# the text tower alone, forward + backward of {spec.batch} captions per rank, tokens dropped")
+        print(format_text_tower(result.text_tower))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result.to_dict(), indent=2))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 from flip_ds.config_loader import check
 
@@ -46,11 +46,18 @@ class ModelConfig:
     pool: Literal["avg", "cls"] = "avg"  # FLIP: mean over all tokens incl. CLS; OpenCLIP: cls
     text_attention: Literal["bidirectional", "causal"] = "bidirectional"  # FLIP: bidirectional, pool token 0
     context_length: int = 32
-    text_mask_ratio: float = 0.0  # drop this share of non-pad text tokens in training (FLIP: never)
-    temperature_init: float = 0.01  # FLIP's tau
-    temperature_min: float = 0.005  # tau is clipped to [min, max] inside forward
+    # which text tokens a phase's text_mask_ratio drops: any (`random`) or padding before words
+    # (`pad_first`), FLIP's Table 2 ablation; the paper recipes mask no text
+    text_mask: Literal["random", "pad_first"] = "random"
+    # FLIP learns log(1/tau) from tau = 0.07, clipped so that tau stays in [0.01, 1]
+    temperature_init: float = 0.07
+    temperature_min: float = 0.01
     temperature_max: float = 1.0
     activation_checkpointing: bool = True  # torch.utils.checkpoint around every block, both towers
+
+    moved_keys: ClassVar[dict[str, str]] = {
+        "text_mask_ratio": "text masking is set per phase: phases[i].text_mask_ratio",
+    }
 
     def validate(self, prefix: str = "model") -> None:
         check(self.name in REGISTRY,
@@ -60,8 +67,6 @@ class ModelConfig:
         check(size > 0 and size % sizes.patch_size == 0,
               f"{prefix}.image_size: {size} is not a positive multiple of the patch size {sizes.patch_size}")
         check(self.context_length >= 2, f"{prefix}.context_length: {self.context_length} must be at least 2")
-        check(0.0 <= self.text_mask_ratio < 1.0,
-              f"{prefix}.text_mask_ratio: {self.text_mask_ratio} is outside [0, 1)")
         check(0.0 < self.temperature_min <= self.temperature_init <= self.temperature_max,
               f"{prefix}.temperature_init: need 0 < temperature_min <= temperature_init <= temperature_max, "
               f"got {self.temperature_min} / {self.temperature_init} / {self.temperature_max}")
