@@ -11,7 +11,6 @@ from flip_ds.distributed import any_rank
 from flip_ds.engine import refresh_fp32_logit_scale
 from flip_ds.loss import contrastive_loss
 from flip_ds.metrics import Stopwatch
-from flip_ds.models.attention import training_attention
 
 
 @dataclass
@@ -41,20 +40,7 @@ def contrastive_step(engine, micro_batches: list[tuple[torch.Tensor, torch.Tenso
     full-batch loss and its gradient is the full gradient's share through that micro batch; the
     sum over micro batches is the full gradient. The temperature enters every re-forward, so its
     gradient is scaled by 1/k to be counted once.
-
-    Attention runs on the path `training_attention` picks for the inputs and image length,
-    backward included.
     """
-    image_tokens = engine.module.cfg.image_tokens(image_mask)
-    with training_attention(engine.module, micro_batches[0][0], image_tokens):
-        return _contrastive_step(engine, micro_batches, image_mask=image_mask, text_mask=text_mask, seed=seed,
-                                 rank=rank, step=step, device=device, stop_requested=stop_requested,
-                                 abort_requested=abort_requested, watch=watch)
-
-
-def _contrastive_step(engine, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], *, image_mask: float,
-                      text_mask: float, seed: int, rank: int, step: int, device: str,
-                      stop_requested: bool, abort_requested: bool, watch: Stopwatch) -> StepOutcome:
     k = len(micro_batches)
 
     def outcome(loss: torch.Tensor, scale: torch.Tensor, flags: list[bool]) -> StepOutcome:

@@ -6,7 +6,6 @@ import json
 import math
 import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,13 +16,15 @@ import torch
 from flip_ds import checkpoint, distributed
 from flip_ds import engine as ds_engine
 from flip_ds.config import BatchSplit, Recipe
-from flip_ds.config_loader import ConfigError
+from flip_ds.config_loader import ConfigError, UsageError
 from flip_ds.data.pipeline import DataError, TrainStream
 from flip_ds.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
 from flip_ds.data.transforms import denormalize, normalize
-from flip_ds.distributed import DistEnv, all_gather_object, all_reduce, detect_dist_env, init_distributed, shutdown
+from flip_ds.distributed import (DistEnv, all_gather_object, all_reduce, detect_dist_env, init_distributed,
+                                 quiet_deepspeed, shutdown)
 from flip_ds.engine_config import validate_for_launch
 from flip_ds.metrics import CaptionRepeats, Stopwatch, TrainLogger, device_peak_tflops, format_eta, peak_memory_bytes
+from flip_ds.models.attention import AttentionPath, resolve_attention, use_attention
 from flip_ds.models.flip import build_model
 from flip_ds.models.flops import flops_per_sample
 from flip_ds.models.vision import masked_preview
@@ -59,14 +60,12 @@ class TrainState:
 def train(recipe: Recipe) -> int:
     denv = detect_dist_env()
     splits = validate_for_launch(recipe, denv.world_size)
-    # DeepSpeed's ZeRO still calls collectives that torch 2.13+ deprecates, on every step
-    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)`",
-                            category=FutureWarning)
+    quiet_deepspeed()
     _check_inputs(recipe)
     device = init_distributed(denv, recipe.train.comm_timeout_s)
     try:
         status = Trainer(recipe, denv, splits, device).run()
-    except (ConfigError, DataError, NonFiniteError) as e:
+    except (UsageError, DataError, NonFiniteError) as e:
         print(f"flip-ds: error (rank {denv.rank}): {e}", file=sys.stderr)
         status = EXIT_RECIPE_OR_DATA
     shutdown()
@@ -115,6 +114,7 @@ class Trainer:
         if resume and resharded:
             resume = checkpoint.universal_copy(*resume, self.rank)
         self.split = splits[0]  # the engine's micro batch and accumulation now
+        self.attention: AttentionPath = "sdpa"  # the attention path now (set per phase by _configure_for)
         self.engine = ds_engine.initialize(model, recipe, self.split, device, self.precision.name,
                                            load_universal=resharded)
         self.data_cfg = recipe.data.with_workers(denv.local_world_size)
@@ -147,12 +147,13 @@ class Trainer:
                  f"global batch {g} = {cut} x {self.denv.world_size}; "
                  f"{self.plan.total_steps} steps, {len(self.plan.spans)} phase(s)")
         try:
+            configured_for = None
             for step in range(self.state.step, self.plan.total_steps):
                 span = self.plan.span_at(step)
+                if span.index != configured_for:  # a phase's own micro batch and attention path
+                    self._configure_for(span)
+                    configured_for = span.index
                 split = self.splits[span.index]
-                if split != self.split:  # a phase with its own micro batch
-                    ds_engine.set_batch_split(self.engine, split, g)
-                    self.split = split
                 data_state = self.stream.state_dict()  # position before this step's batches
                 watch.lap("other")
                 try:
@@ -206,9 +207,7 @@ class Trainer:
 
     # -- pieces ---------------------------------------------------------------------------------
     def _init_weights(self, model: torch.nn.Module, source: str) -> None:
-        from flip_ds.loading import read_checkpoint
-
-        ckpt = read_checkpoint(source)
+        ckpt = checkpoint.read_checkpoint(source)
         try:
             model.load_state_dict(ckpt.state_dict, strict=True)
         except RuntimeError as e:  # another model or vocabulary
@@ -269,6 +268,17 @@ class Trainer:
         tokens = torch.full((split.micro, self.recipe.model.context_length), PAD_ID, device=self.device)
         tokens[:, 0], tokens[:, 1] = BOS_ID, EOS_ID
         return [(images, tokens)] * split.accum
+
+    def _configure_for(self, span: PhaseSpan) -> None:
+        """The engine's batch split and the model's attention path for `span`'s phase."""
+        split = self.splits[span.index]
+        if split != self.split:
+            ds_engine.set_batch_split(self.engine, split, self.recipe.train.global_batch)
+            self.split = split
+        model = self.recipe.model
+        self.attention = resolve_attention(model.attention, self.device, self.dtype,
+                                           model.image_tokens(span.phase.mask_ratio))
+        use_attention(self.engine.module, self.attention)
 
     def _start_phase(self, span: PhaseSpan, step: int, images: torch.Tensor) -> None:
         samples = step * self.recipe.train.global_batch
@@ -373,8 +383,10 @@ class Trainer:
 
         samples = steps_done * self.recipe.train.global_batch
         self.engine.eval()
+        use_attention(self.engine.module, "sdpa")  # forward only: nothing for the eager path to gain
         results = evaluate(self.engine.module, self.recipe.eval.sets, self.tokenizer,
                            self.recipe.model.resolved_image_size, self.device, self.dtype)
+        use_attention(self.engine.module, self.attention)
         self.engine.train()
         for name, metrics in results.items():
             self.logger.scalars({f"eval/{name}/{k}": v for k, v in metrics.items()}, samples)

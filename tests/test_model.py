@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flip_ds.models.attention import EAGER_MAX_TOKENS, eager_attention, training_attention
+from flip_ds.models.attention import EAGER_MAX_TOKENS, resolve_attention, use_attention
 from flip_ds.models.config import REGISTRY, ModelConfig
 from flip_ds.models.flip import FLIP
 from flip_ds.models.flops import flops_per_sample
@@ -243,30 +243,37 @@ def test_eager_attention_matches_sdpa_with_padding_masking_and_causal(text_atten
         torch.manual_seed(0)
         return list(model(images, tokens, 0.5, 0.3, torch.Generator().manual_seed(1))[:2])
 
+    def on(path: str) -> list[torch.Tensor]:
+        use_attention(model, path)
+        return embeddings()
+
     with torch.no_grad():
-        fused = embeddings()
-        with eager_attention(model):
-            eager = embeddings()
+        fused, eager = on("sdpa"), on("eager")
         model.to(torch.bfloat16)  # the precision the eager path trains in: its scores are rounded to bf16
         images = images.to(torch.bfloat16)
-        fused_bf16 = embeddings()
-        with eager_attention(model):
-            eager_bf16 = embeddings()
+        fused_bf16, eager_bf16 = on("sdpa"), on("eager")
     for a, b in zip(fused, eager):
         assert torch.allclose(a, b, atol=1e-5)
     for a, b in zip(fused_bf16, eager_bf16):  # unit vectors: a cosine near 1 is agreement
         assert torch.nn.functional.cosine_similarity(a.float(), b.float()).min() > 0.999
 
 
-def test_training_attention_is_eager_only_for_short_cpu_bf16_steps_and_restores():
+def test_auto_attention_is_eager_only_for_short_cpu_bf16_phases():
+    bf16, fp32 = torch.bfloat16, torch.float32
+    assert resolve_attention("auto", "cpu", bf16, EAGER_MAX_TOKENS) == "eager"
+    assert resolve_attention("auto", "cpu", bf16, EAGER_MAX_TOKENS + 1) == "sdpa"  # long sequences keep SDPA
+    assert resolve_attention("auto", "cpu", fp32, 2) == "sdpa"  # fp32 keeps SDPA
+    assert resolve_attention("auto", "cuda", bf16, 2) == "sdpa"  # GPUs keep SDPA
+    assert resolve_attention("eager", "cuda", fp32, 500) == "eager"  # a forced path is kept
+    b16 = ModelConfig(name="B/16")  # 196 patches: mask 0.5 and 0.75 eager, mask 0 SDPA
+    assert [resolve_attention("auto", "cpu", bf16, b16.image_tokens(m)) for m in (0.0, 0.5, 0.75)] == \
+        ["sdpa", "eager", "eager"]
     model = tiny()
     layers = [m for m in model.modules() if hasattr(m, "fused_attn")]
-    assert layers and all(layer.fused_attn for layer in layers)  # timm's default: SDPA
-    bf16 = torch.zeros(1, dtype=torch.bfloat16)
-    with training_attention(model, bf16, EAGER_MAX_TOKENS):
-        assert not any(layer.fused_attn for layer in layers)
+    assert len(layers) == 8 and all(layer.fused_attn for layer in layers)  # timm's default: SDPA, both towers
+    use_attention(model, "eager")
+    assert not any(layer.fused_attn for layer in layers)
+    use_attention(model, "sdpa")
     assert all(layer.fused_attn for layer in layers)
-    with training_attention(model, bf16, EAGER_MAX_TOKENS + 1):  # long sequences keep SDPA
-        assert all(layer.fused_attn for layer in layers)
-    with training_attention(model, torch.zeros(1), 2):  # fp32 keeps SDPA
-        assert all(layer.fused_attn for layer in layers)
+
+

@@ -12,7 +12,7 @@ from flip_ds.data.tokenizer import EOS_ID, PAD_ID
 from flip_ds.engine import initialize, set_lr
 from flip_ds.memory import saved_activation_bytes
 from flip_ds.metrics import Stopwatch
-from flip_ds.models.attention import training_attention
+from flip_ds.models.attention import resolve_attention, use_attention
 from flip_ds.models.config import ModelConfig
 from flip_ds.models.flip import build_model
 from flip_ds.precision import dtype_of
@@ -53,6 +53,11 @@ class FlipEngine:
         return synthetic_batch(batch, self.model_cfg.resolved_image_size, self.model_cfg.context_length,
                                self.vocab_size, seed=self.rank, device=self.device, dtype=self.dtype)
 
+    def use_attention_for(self, mask: float) -> None:
+        """The attention path a training phase at image mask `mask` runs (as the trainer sets it)."""
+        path = resolve_attention(self.model_cfg.attention, self.device, self.dtype, self.model_cfg.image_tokens(mask))
+        use_attention(self.engine.module, path)
+
     def step(self, mask: float, micro_batch: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         contrastive_step(self.engine, [micro_batch or (self.images, self.tokens)], image_mask=mask, text_mask=0.0,
                          seed=0, rank=self.rank, step=self.step_count, device=self.device, stop_requested=False,
@@ -64,6 +69,7 @@ class FlipEngine:
         what was allocated before it. CPU: the bytes autograd saves for backward (exact; the
         resident set's peak is blurred by the host allocator)."""
         micro = self.batch_of(batch)
+        self.use_attention_for(mask)  # what a step saves depends on its attention path
         if self.device == "cuda":
             synchronize(self.device)
             reset_peak(self.device)
@@ -72,10 +78,8 @@ class FlipEngine:
             synchronize(self.device)
             return current_and_peak(self.device)[1] - before
         generator = torch.Generator(device=self.device).manual_seed(self.step_count)
-        tokens = self.model_cfg.image_tokens(mask)
-        with training_attention(self.engine.module, micro[0], tokens):  # what a step saves depends on its attention
-            _, saved = saved_activation_bytes(lambda: self.engine(*micro, mask, 0.0, generator),
-                                              exclude=list(self.engine.module.parameters()))
+        _, saved = saved_activation_bytes(lambda: self.engine(*micro, mask, 0.0, generator),
+                                          exclude=list(self.engine.module.parameters()))
         return saved
 
     def destroy(self) -> None:
@@ -98,6 +102,8 @@ class FlipStepCase:
         synchronize(device)
         reset_peak(device)
         before, _ = current_and_peak(device)
+
+        self.engine.use_attention_for(self.mask)  # the cases share the engine: each sets its own path
 
         def work() -> None:
             self.engine.watch.lap("between")  # the time before this block is no step's

@@ -54,6 +54,9 @@ class ModelConfig:
     temperature_min: float = 0.01
     temperature_max: float = 1.0
     activation_checkpointing: bool = True  # torch.utils.checkpoint around every block, both towers
+    # attention kernels: `auto` picks per phase (flip_ds.models.attention: timm's eager path for
+    # masked bf16 steps on a CPU, SDPA elsewhere); `sdpa` or `eager` force one
+    attention: Literal["auto", "sdpa", "eager"] = "auto"
 
     moved_keys: ClassVar[dict[str, str]] = {
         "text_mask_ratio": "text masking is set per phase: phases[i].text_mask_ratio",
