@@ -9,10 +9,12 @@ from flip_ds.cli import HelpFormatter
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from flip_ds.data.captions_table import CAPTION_COLUMNS, PATH_COLUMNS
+
     p = sub.add_parser(
         "make-shards", help="write image-caption pairs as webdataset shards (img2dataset layout)",
         description="Write {00000..N}.tar shards of KEY.jpg + KEY.txt + KEY.json from an image folder plus a "
-                    "captions file (CSV/TSV, JSONL or parquet with a path and a caption column), or from a "
+                    "captions file (CSV/TSV, JSON/JSONL or parquet with a path and a caption column), or from a "
                     "class-per-folder tree with caption templates. Unreadable images, missing files and empty "
                     "captions are skipped and counted. Samples are written in a random order drawn from --seed, "
                     "so a sorted input (a class tree is sorted by class) does not reach training sorted: the "
@@ -21,10 +23,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         formatter_class=HelpFormatter)
     p.add_argument("--out", required=True, help="output directory (must hold no .tar yet)")
     src = p.add_argument_group("source: a captions file ...")
-    src.add_argument("--captions", help="CSV/TSV, JSONL or parquet file of (path, caption) rows")
+    src.add_argument("--captions", help="CSV/TSV, JSON/JSONL or parquet file of (path, caption) rows; a caption "
+                                        "cell may hold a list (one sample per caption)")
     src.add_argument("--images", default=".", help="directory that the captions file's paths are relative to")
-    src.add_argument("--path-column", default=None, help="path column (default: path, image, filepath or file)")
-    src.add_argument("--caption-column", default=None, help="caption column (default: caption, text or title)")
+    src.add_argument("--path-column", default=None,
+                     help=f"path column (default: the first of {', '.join(PATH_COLUMNS)})")
+    src.add_argument("--caption-column", default=None,
+                     help=f"caption column (default: the first of {', '.join(CAPTION_COLUMNS)})")
     tree = p.add_argument_group("... or a class-per-folder tree")
     tree.add_argument("--class-folders", help="directory with one sub-folder of images per class")
     tree.add_argument("--templates", default="a photo of a {}.",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterator
 
 from flip_ds.cli import HelpFormatter
 
@@ -25,58 +24,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _shard_captions(spec: str, counts: dict[str, int]) -> Iterator[str]:
-    from flip_ds.data.reader import ShardReader, Skip, parse_caption
-    from flip_ds.data.shards import expand_spec
-
-    for url in expand_spec(spec):
-        reader = ShardReader(url)
-        for raw in reader:
-            try:
-                yield parse_caption(raw)
-            except Skip as skip:
-                counts[skip.cause] = counts.get(skip.cause, 0) + 1
-        if reader.fault:
-            counts[reader.fault] = counts.get(reader.fault, 0) + 1
-
-
-def _file_captions(files: list[str]) -> Iterator[str]:
-    for name in files:
-        with open(name, encoding="utf-8", errors="replace") as f:
-            yield from (line.strip() for line in f)
-
-
 def run(args: argparse.Namespace) -> int:
-    from itertools import chain, islice
-
     from flip_ds.config_loader import ConfigError
-    from flip_ds.data.shards import list_shards
-    from flip_ds.data.tokenizer import train_tokenizer
+    from flip_ds.data.tokenizer import TrainingCaptions, train_tokenizer
 
     if not args.shards and not args.captions:
         raise ConfigError("train-tokenizer: give --shards SPEC and/or --captions FILE ...")
-    for name in args.captions:
-        try:
-            open(name, "rb").close()
-        except OSError as e:
-            raise ConfigError(f"captions file '{name}' cannot be read: {e.strerror}") from None
-    counts: dict[str, int] = {}
-    sources = [_file_captions(args.captions)]
-    if args.shards:
-        list_shards(args.shards)  # a spec matching nothing fails now
-        sources.append(_shard_captions(args.shards, counts))
-    read = [0]
-
-    def captions() -> Iterator[str]:
-        for text in islice(chain(*sources), args.max_captions):
-            read[0] += 1
-            yield text
-
+    captions = TrainingCaptions(args.captions, args.shards, args.max_captions)
     try:
-        path = train_tokenizer(captions(), args.out, vocab_size=args.vocab_size, lowercase=not args.no_lowercase,
+        path = train_tokenizer(captions, args.out, vocab_size=args.vocab_size, lowercase=not args.no_lowercase,
                                character_coverage=args.character_coverage, max_sentences=args.max_captions)
     except ConfigError as e:
         raise ConfigError(f"train-tokenizer: {e}") from None
-    skipped = ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "nothing"
-    print(f"wrote {path} from {read[0]} captions; skipped: {skipped}")
+    skipped = ", ".join(f"{k} {v}" for k, v in sorted(captions.skipped.items())) or "nothing"
+    print(f"wrote {path} from {captions.read} captions; skipped: {skipped}")
     return 0

@@ -15,7 +15,6 @@ this machine.
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import os
@@ -32,10 +31,11 @@ from tqdm import tqdm
 from webdataset import ShardWriter
 
 from flip_ds.config_loader import ConfigError
+from flip_ds.data.captions_table import read_caption_table
+from flip_ds.data.reader import IMAGE_KEYS
 
-PATH_COLUMNS = ("path", "image", "filepath", "file")
-CAPTION_COLUMNS = ("caption", "text", "title")
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+# a class tree's images: the formats shards hold, and others that are re-encoded as JPEG
+IMAGE_SUFFIXES = (*(f".{key}" for key in IMAGE_KEYS), ".bmp", ".gif", ".tif", ".tiff")
 SKIP_CAUSES = ("missing_file", "corrupt_image", "empty_caption")
 
 
@@ -60,51 +60,15 @@ class Summary:
         return f"wrote {self.samples} samples in {self.shards} shard(s) to {self.out}, {order}; skipped: {skipped}"
 
 
-def _column(fields: list[str], wanted: str | None, candidates: tuple[str, ...], source: str, what: str) -> str:
-    if wanted:
-        if wanted not in fields:
-            raise ConfigError(f"captions file '{source}' has no column '{wanted}'; it has {fields}")
-        return wanted
-    found = next((c for c in candidates if c in fields), None)
-    if found is None:
-        raise ConfigError(f"captions file '{source}' needs a {what} column (one of {', '.join(candidates)}, or name "
-                          f"it with --{what}-column); it has {fields}")
-    return found
-
-
 def read_captions(captions: str, images: str, path_column: str | None = None,
                   caption_column: str | None = None) -> list[Pair]:
-    """Rows of a CSV/TSV, JSONL or parquet file: an image path (relative to `images`) and a caption."""
-    source = Path(captions)
-    if not source.is_file():
-        raise ConfigError(f"captions file '{captions}' does not exist")
-    suffix = source.suffix.lower()
-    if suffix in (".csv", ".tsv"):
-        with open(source, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
-            fields, rows = list(reader.fieldnames or []), list(reader)
-    elif suffix in (".jsonl", ".json"):
-        with open(source, encoding="utf-8") as f:
-            try:
-                rows = [json.loads(line) for line in f if line.strip()]
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"captions file '{captions}' is not JSON lines: {e}") from None
-        fields = sorted({k for row in rows if isinstance(row, dict) for k in row})
-    elif suffix == ".parquet":
-        try:
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise ConfigError("reading parquet needs pyarrow: pip install pyarrow") from None
-        table = pq.read_table(source)
-        fields, rows = table.column_names, table.to_pylist()
-    else:
-        raise ConfigError(f"captions file '{captions}': unknown format '{suffix}' (use .csv, .tsv, .jsonl or .parquet)")
-    path_col = _column(fields, path_column, PATH_COLUMNS, captions, "path")
-    caption_col = _column(fields, caption_column, CAPTION_COLUMNS, captions, "caption")
+    """Pairs from a captions file (captions_table.py: CSV/TSV, JSON/JSONL or parquet), one per caption;
+    image paths are relative to `images`."""
     pairs = []
-    for row in rows:
-        path = str(row.get(path_col) or "")  # an empty path or caption is skipped and counted later
-        pairs.append(Pair(path, os.path.join(images, path) if path else "", str(row.get(caption_col) or "")))
+    for row in read_caption_table(captions, path_column, caption_column):
+        file = os.path.join(images, row.path) if row.path else ""
+        # a row without a caption still becomes a pair, so it is skipped and counted as empty_caption
+        pairs.extend(Pair(row.path, file, caption) for caption in row.captions or [""])
     return pairs
 
 

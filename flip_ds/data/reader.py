@@ -41,10 +41,15 @@ class Sample:
 
 def parse_sample(raw: dict[str, Any]) -> Sample:
     """Image bytes and the UTF-8 caption of a webdataset sample; raises Skip naming what is wrong."""
+    return Sample(raw["__key__"], raw["__url__"], parse_image(raw), parse_caption(raw))
+
+
+def parse_image(raw: dict[str, Any]) -> bytes:
+    """The encoded image of a webdataset sample, by IMAGE_KEYS' preference; raises Skip('missing_image')."""
     image = next((raw[k] for k in IMAGE_KEYS if k in raw), None)
     if image is None:
         raise Skip("missing_image")
-    return Sample(raw["__key__"], raw["__url__"], image, parse_caption(raw))
+    return image
 
 
 def parse_caption(raw: dict[str, Any]) -> str:

@@ -1,15 +1,19 @@
-"""SentencePiece tokenisation to a fixed context length, and training a model from captions."""
+"""SentencePiece tokenisation to a fixed context length, and training a model from captions (files, shards)."""
 
 from __future__ import annotations
 
 import io
 import re
+from collections import Counter
 from collections.abc import Iterable, Iterator
+from itertools import chain, islice
 
 import numpy as np
 import sentencepiece as spm
 
 from flip_ds.config_loader import ConfigError
+from flip_ds.data.reader import ShardReader, Skip, parse_caption
+from flip_ds.data.shards import list_shards
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3  # fixed at training time, read by the text tower
 SPECIAL_PIECES = 4  # pad, unk, bos, eos
@@ -48,6 +52,49 @@ class Tokenizer:
             ids = [BOS_ID, *ids[: self.context_length - 2], EOS_ID]
             row[: len(ids)] = ids
         return out[0] if single else out
+
+
+class TrainingCaptions:
+    """Captions to train a tokenizer on: text files (one caption a line), then the captions of a shard
+    spec read as the training stream reads them, at most `limit` in all.
+
+    The sources are checked when it is made (an unreadable file, a spec matching no file: ConfigError).
+    While it is read, `read` counts the captions handed out and `skipped` the bad samples and shards
+    of the spec by cause (faults.py), so a partly broken dataset still trains a tokenizer and says so.
+    """
+
+    def __init__(self, files: list[str], shards: str | None, limit: int) -> None:
+        for name in files:
+            try:
+                open(name, "rb").close()
+            except OSError as e:
+                raise ConfigError(f"captions file '{name}' cannot be read: {e.strerror}") from None
+        self.files = files
+        self.shards = list_shards(shards) if shards else []
+        self.limit = limit
+        self.read = 0
+        self.skipped: Counter[str] = Counter()
+
+    def __iter__(self) -> Iterator[str]:
+        for text in islice(chain(self._file_captions(), self._shard_captions()), self.limit):
+            self.read += 1
+            yield text
+
+    def _file_captions(self) -> Iterator[str]:
+        for name in self.files:
+            with open(name, encoding="utf-8", errors="replace") as f:
+                yield from (line.strip() for line in f)
+
+    def _shard_captions(self) -> Iterator[str]:
+        for url in self.shards:
+            reader = ShardReader(url)
+            for raw in reader:
+                try:
+                    yield parse_caption(raw)
+                except Skip as skip:
+                    self.skipped[skip.cause] += 1
+            if reader.fault:
+                self.skipped[reader.fault] += 1
 
 
 def check_training_settings(vocab_size: int, character_coverage: float) -> None:

@@ -1,48 +1,51 @@
 """Evaluation data on disk: an ImageNet-style folder, or a retrieval set (images with several captions).
 
 Retrieval sets come as
-  - a CSV/TSV file with a header naming an image column (`image` or `filepath`) and a caption
-    column (`caption` or `title`), one row per caption (OpenCLIP's CSV format);
-  - a JSONL file, or a JSON file holding a list, of records `{"image": path, "captions": [...]}`
-    (`"caption"` may be a string or a list: the Karpathy-split annotation files of BLIP/LAVIS);
-  - webdataset shards (a brace spec, several joined with '::'): KEY.jpg|jpeg|png|webp with
-    KEY.txt (one caption a line) or KEY.json (`captions` / `caption`).
-Relative image paths start at `image_root`, or at the annotation file's folder.
+  - a captions file, read by the reader `flip-ds make-shards` uses (flip_ds/data/captions_table.py),
+    with its column names: CSV/TSV with one row per caption (OpenCLIP's format), JSON/JSONL records
+    whose caption may be a list (the Karpathy-split annotation files of BLIP/LAVIS), or parquet; the
+    rows of one image are grouped. Relative image paths start at `image_root`, or at the file's folder;
+  - webdataset shards (a spec, several joined with '::'), read by the training reader
+    (flip_ds/data/reader.py): a sample's image is the one training would use, its captions the lines
+    of KEY.txt (decoded as training decodes it) or else KEY.json's caption column.
 
 Images are decoded lazily, one item at a time; an image that cannot be read yields a zero tensor
-and valid=False, so the caller skips and counts it instead of crashing.
+and valid=False, so the caller skips and counts it instead of crashing. A shard is a stream (maybe
+compressed or remote) with no random access, so a shard set keeps its images in memory, encoded.
 """
 
 from __future__ import annotations
 
-import csv
 import json
-import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
 from timm.data import create_transform
 
 from flip_ds.config_loader import ConfigError
-from flip_ds.data.reader import Skip
+from flip_ds.data.captions_table import CaptionRow, is_caption_table, read_caption_table, record_captions
+from flip_ds.data.reader import ShardReader, Skip, parse_caption, parse_image
+from flip_ds.data.shards import expand_spec
 from flip_ds.data.transforms import CLIP_MEAN, CLIP_STD, decode_image
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+# A shard's fault that leaves its samples readable; any other fault makes the set unusable
+_HARMLESS_SHARD_FAULTS = (None, "empty_shard")
 
 
 @dataclass(frozen=True)
-class TarMember:
-    """An image stored in a tar shard: read `size` bytes at `offset` (no archive walk per read)."""
+class ShardImage:
+    """The encoded image of shard sample `key`, as the training reader read it."""
 
     shard: str
-    offset: int
-    size: int
+    key: str
+    data: bytes
 
 
-ImageRef = str | TarMember
+ImageRef = str | ShardImage
 
 
 @dataclass
@@ -87,10 +90,9 @@ class ImageDataset(torch.utils.data.Dataset):
 
 
 def _read_bytes(ref: ImageRef) -> bytes:
-    with open(ref.shard if isinstance(ref, TarMember) else ref, "rb") as f:
-        if isinstance(ref, TarMember):
-            f.seek(ref.offset)
-            return f.read(ref.size)
+    if isinstance(ref, ShardImage):
+        return ref.data
+    with open(ref, "rb") as f:
         return f.read()
 
 
@@ -111,112 +113,50 @@ def read_image_folder(root: str) -> ClassificationSet:
 
 
 def read_retrieval_set(spec: str, image_root: str = "") -> RetrievalSet:
-    """A retrieval set from a CSV/TSV, JSON or JSONL annotation file, or from webdataset shards."""
-    suffix = Path(spec).suffix.lower()
-    if suffix in (".csv", ".tsv", ".json", ".jsonl"):
-        path = Path(spec)
-        if not path.is_file():
-            raise ConfigError(f"retrieval annotations '{spec}' do not exist")
-        root = Path(image_root) if image_root else path.parent
-        records = _read_csv(path) if suffix in (".csv", ".tsv") else _read_json(path)
-        return _group(records, root, spec)
-    return _read_shards(spec)
+    """A retrieval set from a captions file (CSV/TSV, JSON/JSONL, parquet) or from webdataset shards."""
+    if not is_caption_table(spec):
+        return _read_shards(spec)
+    root = Path(image_root) if image_root else Path(spec).parent
+    return _group(read_caption_table(spec), root, spec)
 
 
-def _read_csv(path: Path) -> list[tuple[str, list[str]]]:
-    with open(path, newline="", encoding="utf-8") as f:
-        text = f.read()
-    try:
-        dialect = csv.Sniffer().sniff(text.split("\n", 1)[0], delimiters=",\t")
-    except csv.Error:
-        raise ConfigError(f"retrieval CSV '{path}': cannot tell the delimiter (comma or tab) from its header") from None
-    rows = csv.DictReader(text.splitlines(), dialect=dialect)
-    fields = rows.fieldnames or []
-    image_col = next((c for c in ("image", "filepath") if c in fields), None)
-    caption_col = next((c for c in ("caption", "title") if c in fields), None)
-    if image_col is None or caption_col is None:
-        raise ConfigError(f"retrieval CSV '{path}' needs an 'image' (or 'filepath') and a 'caption' (or 'title') "
-                          f"column; its header has {fields}")
-    return [(row[image_col], [row[caption_col]]) for row in rows]
-
-
-def _read_json(path: Path) -> list[tuple[str, list[str]]]:
-    text = path.read_text(encoding="utf-8")
-    try:
-        if path.suffix.lower() == ".json":
-            items = json.loads(text)
-            if not isinstance(items, list):
-                raise ConfigError(f"retrieval JSON '{path}' must hold a list of {{image, captions}} records")
-        else:
-            items = [json.loads(line) for line in text.splitlines() if line.strip()]
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"retrieval annotations '{path}' are not valid JSON: {e}") from None
-    records = []
-    for i, item in enumerate(items):
-        captions = _captions_of(item) if isinstance(item, dict) else None
-        if captions is None or not isinstance(item.get("image"), str):
-            raise ConfigError(f"retrieval annotations '{path}', record {i}: need 'image' (a path) and 'captions' "
-                              f"(a list) or 'caption' (a string or list); got {str(item)[:120]}")
-        records.append((item["image"], captions))
-    return records
-
-
-def _captions_of(obj: dict) -> list[str] | None:
-    captions = obj.get("captions", obj.get("caption"))
-    if isinstance(captions, str):
-        captions = [captions]
-    if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
-        return None
-    return [c for c in captions if c.strip()]
-
-
-def _group(records: list[tuple[str, list[str]]], root: Path, spec: str) -> RetrievalSet:
-    """One image per distinct path (first appearance order), all its captions attached."""
+def _group(rows: list[CaptionRow], root: Path, spec: str) -> RetrievalSet:
+    """One image per distinct path (first appearance order), all its non-blank captions attached."""
     index: dict[str, int] = {}
     images: list[ImageRef] = []
     captions: list[str] = []
     owner: list[int] = []
-    for image, caps in records:
-        if image not in index:
-            index[image] = len(images)
-            images.append(str(root / image))
-        for c in caps:
-            captions.append(c)
-            owner.append(index[image])
+    for row in rows:
+        if row.path not in index:
+            index[row.path] = len(images)
+            images.append(str(root / row.path))
+        for c in row.captions:
+            if c.strip():
+                captions.append(c)
+                owner.append(index[row.path])
     if not images or not captions:
         raise ConfigError(f"retrieval set '{spec}' has no image with a caption")
     return RetrievalSet(images=images, captions=captions, caption_image=owner, sources=[spec])
 
 
 def _read_shards(spec: str) -> RetrievalSet:
-    from webdataset.shardlists import expand_urls
-    from webdataset.tariterators import base_plus_ext
-
-    shards = expand_urls(spec)
+    shards = expand_spec(spec)
     images: list[ImageRef] = []
     captions: list[str] = []
     owner: list[int] = []
     skipped = 0
-    for shard in shards:
-        samples: dict[str, dict[str, tarfile.TarInfo]] = {}
-        try:
-            with tarfile.open(shard) as tar:
-                for member in tar:
-                    key, ext = base_plus_ext(member.name)
-                    if member.isfile() and key is not None:
-                        samples.setdefault(key, {})[ext.lower()] = member
-                texts = {key: _shard_captions(tar, files) for key, files in samples.items()}
-        except (OSError, tarfile.TarError) as e:
-            raise ConfigError(f"retrieval shard '{shard}' cannot be read: {e}") from None
-        for key, files in samples.items():
-            image = next((files[e] for e in IMAGE_EXTENSIONS if e in files), None)
-            caps = texts[key]
+    for url in shards:
+        reader = ShardReader(url)
+        for raw in reader:
+            image, caps = _sample_image(raw), _sample_captions(raw)
             if image is None or not caps:
                 skipped += 1
                 continue
             owner.extend([len(images)] * len(caps))
             captions.extend(caps)
-            images.append(TarMember(shard, image.offset_data, image.size))
+            images.append(ShardImage(url, raw["__key__"], image))
+        if reader.fault not in _HARMLESS_SHARD_FAULTS:  # a set with a hole would give numbers of another set
+            raise ConfigError(f"retrieval shard '{url}' cannot be read ({reader.fault})")
     if not images:
         raise ConfigError(f"retrieval shards '{spec}' hold no sample with an image and a caption "
                           f"({len(shards)} shard(s), {skipped} incomplete sample(s))")
@@ -224,14 +164,22 @@ def _read_shards(spec: str) -> RetrievalSet:
                         sources=shards)
 
 
-def _shard_captions(tar: tarfile.TarFile, files: dict[str, tarfile.TarInfo]) -> list[str]:
-    if "txt" in files:
-        text = tar.extractfile(files["txt"]).read().decode("utf-8", errors="replace")
-        return [line.strip() for line in text.splitlines() if line.strip()]
-    if "json" in files:
-        try:
-            obj = json.loads(tar.extractfile(files["json"]).read())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return []
-        return (_captions_of(obj) or []) if isinstance(obj, dict) else []
-    return []
+def _sample_image(raw: dict[str, Any]) -> bytes | None:
+    try:
+        return parse_image(raw)
+    except Skip:
+        return None
+
+
+def _sample_captions(raw: dict[str, Any]) -> list[str]:
+    """The captions of a shard sample: KEY.txt's non-blank lines, decoded as training decodes its caption;
+    without a usable KEY.txt, KEY.json's caption column (captions_table.CAPTION_COLUMNS)."""
+    try:
+        return [line.strip() for line in parse_caption(raw).splitlines() if line.strip()]
+    except Skip:
+        pass
+    try:
+        record = json.loads(raw["json"]) if "json" in raw else None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return []
+    return [c.strip() for c in record_captions(record) if c.strip()] if isinstance(record, dict) else []
