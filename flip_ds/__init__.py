@@ -16,8 +16,8 @@ if TYPE_CHECKING:
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[FLIP, Tokenizer, Recipe]:
     """(FLIP model in eval mode, Tokenizer, Recipe) from an exported safetensors file or a DeepSpeed
-    checkpoint directory; see flip_ds.loading. Imported lazily so that `import flip_ds` (and the
+    checkpoint directory; see flip_ds.checkpoint. Imported lazily so that `import flip_ds` (and the
     CLI's --help) does not pay for torch."""
-    from flip_ds.loading import load as load_model
+    from flip_ds.checkpoint import load as load_model
 
     return load_model(path, device)

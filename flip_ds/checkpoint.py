@@ -1,4 +1,5 @@
-"""Step-level checkpoints that are complete or invisible.
+"""Checkpoints: saved complete or invisible, found from any of the paths a user may give, and read
+back as a model (`flip_ds.load`).
 
 Layout under OUTPUT_DIR/checkpoints (a DeepSpeed save_dir):
     TAG/                 DeepSpeed's per-rank model and optimizer shards
@@ -13,26 +14,40 @@ A rank killed while saving leaves a TAG without meta.json that `latest` never na
 A run resumed on another number of ranks reads a universal copy of its checkpoint
 (OUTPUT_DIR/checkpoints_universal/TAG, made once by DeepSpeed's ds_to_universal), since ZeRO's
 optimizer shards are cut per rank.
+
+Resume, init_from, eval and export name a checkpoint the same way (`resolve`): OUTPUT_DIR,
+OUTPUT_DIR/checkpoints (the tag its `latest` names) or a tag directory. Read as a model, a
+checkpoint directory is consolidated with DeepSpeed's own ZeRO-to-fp32 utility (ZeRO-1/2/3, any
+world size), which needs no process group. An exported file (`flip-ds export`) is one safetensors
+file: the fp32 weights, with the recipe (YAML), the SentencePiece model (base64) and the
+checkpoint's meta.json in its metadata, so it is self-contained and loads without DeepSpeed.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import json
 import os
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
-from flip_ds.config import Recipe
-from flip_ds.config_loader import ConfigError, to_dict
+from flip_ds.config import Recipe, load_recipe
+from flip_ds.config_loader import ConfigError, UsageError, from_dict, to_dict
+from flip_ds.data.tokenizer import EOS_ID, PAD_ID, Tokenizer
 from flip_ds.distributed import barrier
+from flip_ds.models.flip import FLIP, build_model
 
 META = "meta.json"
+EXPORT_FORMAT = "flip-ds"
+EXPORT_VERSION = "1"
 
 
 def tag_for(step: int) -> str:
@@ -93,25 +108,34 @@ def universal_copy(save_dir: Path, tag: str, rank: int) -> tuple[Path, str]:
     return root, tag
 
 
+# -- finding a checkpoint ------------------------------------------------------------------------
+def resolve(path: Path) -> tuple[Path, str]:
+    """(DeepSpeed save_dir, tag) of the checkpoint at `path`: OUTPUT_DIR or OUTPUT_DIR/checkpoints
+    (the tag its `latest` names), or a tag directory. Every reader of checkpoints finds them here."""
+    for root in (path, path / "checkpoints"):
+        if (root / "latest").is_file():
+            tag = (root / "latest").read_text().strip()
+            if not is_complete(root / tag):
+                raise UsageError(f"checkpoint '{root}': 'latest' names '{tag}', which is incomplete (no {META}); "
+                                 "name a complete tag directory instead")
+            return root, tag
+    if is_complete(path):
+        return path.parent, path.name
+    raise UsageError(f"'{path}' is not a flip-ds checkpoint: expected OUTPUT_DIR, OUTPUT_DIR/checkpoints "
+                     f"(with a 'latest' file) or OUTPUT_DIR/checkpoints/TAG (with {META})")
+
+
 def find_resume(recipe: Recipe, root: Path) -> tuple[Path, str] | None:
-    """(save_dir, tag) to resume from per `recipe.resume`, or None to start fresh."""
+    """(save_dir, tag) to resume from per `recipe.resume`, or None to start fresh; `root` is this
+    run's OUTPUT_DIR/checkpoints, which `auto` resumes from once it holds a checkpoint."""
     if recipe.resume == "none":
         return None
     if recipe.resume == "auto":
-        return _latest_of(root) if (root / "latest").is_file() else None
-    path = Path(recipe.resume)
-    if (path / "latest").is_file():
-        return _latest_of(path)
-    if not is_complete(path):
-        raise ConfigError(f"resume: '{path}' is not a complete flip-ds checkpoint (no {META})")
-    return path.parent, path.name
-
-
-def _latest_of(root: Path) -> tuple[Path, str]:
-    tag = (root / "latest").read_text().strip()
-    if not is_complete(root / tag):
-        raise ConfigError(f"resume: {root / 'latest'} names '{tag}', which is incomplete; point resume= at a tag")
-    return root, tag
+        return resolve(root) if (root / "latest").is_file() else None
+    try:
+        return resolve(Path(recipe.resume))
+    except UsageError as e:  # a recipe value names the path: say which key
+        raise ConfigError(f"resume: {e}") from None
 
 
 def prune(root: Path, keep_last: int, milestones: set[str]) -> None:
@@ -119,3 +143,83 @@ def prune(root: Path, keep_last: int, milestones: set[str]) -> None:
     tags = sorted(p.name for p in root.glob("step_*") if is_complete(p) and p.name not in milestones)
     for tag in tags[:-keep_last]:
         shutil.rmtree(root / tag, ignore_errors=True)
+
+
+# -- reading a checkpoint back as a model --------------------------------------------------------
+@dataclass
+class Checkpoint:
+    """Everything a trained model is made of, independent of where it was read from."""
+
+    state_dict: dict[str, torch.Tensor]
+    recipe: Recipe
+    tokenizer_model: bytes  # the SentencePiece .model file's bytes
+    meta: dict[str, Any]  # the checkpoint's meta.json (samples_seen, step, phase, ...)
+    source: str
+
+
+def read_checkpoint(path: str | Path) -> Checkpoint:
+    """The model in a checkpoint directory (any path `resolve` takes) or an exported file."""
+    path = Path(path)
+    if path.is_dir():
+        return _consolidate(path)
+    if path.is_file():
+        return _read_export(path)
+    raise UsageError(f"checkpoint '{path}' does not exist")
+
+
+def _consolidate(path: Path) -> Checkpoint:
+    root, tag = resolve(path)  # before importing DeepSpeed: a wrong path fails at once
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    tag_dir = root / tag
+    # DeepSpeed reports its progress with print(); keep stdout for our own results.
+    with contextlib.redirect_stdout(sys.stderr):
+        try:
+            state = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
+        except (ValueError, FileNotFoundError, KeyError) as e:
+            raise UsageError(f"checkpoint '{tag_dir}' cannot be consolidated by DeepSpeed's zero_to_fp32 "
+                             f"(a ZeRO-1/2/3 checkpoint is needed): {e}") from None
+    return Checkpoint(state_dict=state, recipe=load_recipe(str(tag_dir / "recipe.yaml")),
+                      tokenizer_model=(tag_dir / "tokenizer.model").read_bytes(),
+                      meta=read_meta(root, tag), source=str(tag_dir))
+
+
+def _read_export(path: Path) -> Checkpoint:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            if metadata.get("format") != EXPORT_FORMAT:
+                raise UsageError(f"'{path}' is a safetensors file but not a flip-ds export (a timm vision-only "
+                                 "file cannot be loaded as a FLIP model)")
+            state = {key: f.get_tensor(key) for key in f.keys()}
+    except SafetensorError as e:
+        raise UsageError(f"'{path}' is not a safetensors file: {e}") from None
+    return Checkpoint(state_dict=state, recipe=from_dict(Recipe, yaml.safe_load(metadata["recipe"])),
+                      tokenizer_model=base64.b64decode(metadata["tokenizer"]),
+                      meta=json.loads(metadata.get("meta", "{}")), source=metadata.get("source", str(path)))
+
+
+def build_from(ckpt: Checkpoint, device: str | torch.device = "cpu") -> tuple[FLIP, Tokenizer]:
+    """The checkpoint's model (eval mode, fp32, on `device`) and tokenizer."""
+    tokenizer = Tokenizer(ckpt.tokenizer_model, ckpt.recipe.model.context_length)
+    model = build_model(ckpt.recipe.model, tokenizer.vocab_size, pad_id=PAD_ID, eos_id=EOS_ID)
+    where = f"'{ckpt.source}' does not match its recipe's model ({ckpt.recipe.model.name})"
+    try:
+        result = model.load_state_dict(ckpt.state_dict, strict=False)
+    except RuntimeError as e:  # shapes differ
+        raise UsageError(f"{where}: {' '.join(str(e).split())[:300]}") from None
+    missing, unexpected = result.missing_keys, result.unexpected_keys
+    if missing or unexpected:
+        raise UsageError(f"{where}: missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+                         f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}")
+    return model.to(device).eval(), tokenizer
+
+
+def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[FLIP, Tokenizer, Recipe]:
+    """(FLIP model in eval mode, fp32 on `device`; its Tokenizer; its Recipe) from an exported
+    safetensors file or a DeepSpeed checkpoint (OUTPUT_DIR, OUTPUT_DIR/checkpoints or a tag dir)."""
+    ckpt = read_checkpoint(path)
+    model, tokenizer = build_from(ckpt, device)
+    return model, tokenizer, ckpt.recipe

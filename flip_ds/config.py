@@ -7,11 +7,10 @@ precision and optimizer fields from the recipe, so nothing is kept in sync by ha
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Literal
 
-from flip_ds.config_loader import ConfigError, apply_overrides, check, from_dict, read_yaml
+from flip_ds.config_loader import apply_overrides, check, from_dict, read_yaml
 from flip_ds.data.config import DataConfig
 from flip_ds.evaluation.config import EvalConfig
 from flip_ds.models.config import ModelConfig
@@ -218,15 +217,3 @@ def load_recipe(path: str | None, overrides: list[str] | None = None) -> Recipe:
     tree = read_yaml(path) if path else {}
     tree = apply_overrides(tree, overrides or [])
     return from_dict(Recipe, tree)
-
-
-def world_size_from_env() -> int:
-    """The world size a launcher announced, before any process group exists (1 when none did)."""
-    for var in ("WORLD_SIZE", "SLURM_NTASKS"):
-        value = os.environ.get(var)
-        if value:
-            try:
-                return int(value)
-            except ValueError:
-                raise ConfigError(f"environment variable {var}={value!r} is not an integer") from None
-    return 1

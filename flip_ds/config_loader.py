@@ -15,8 +15,12 @@ from typing import Any, Literal, Union
 import yaml
 
 
-class ConfigError(ValueError):
-    """A recipe problem, reported as one line naming the key; the CLI exits with status 2."""
+class UsageError(ValueError):
+    """The user's input is wrong (a flag, a path, a file): one line, and the CLI exits with status 2."""
+
+
+class ConfigError(UsageError):
+    """A recipe key or value is wrong; the line names the key."""
 
 
 def _type_name(tp: Any) -> str:
@@ -181,7 +185,8 @@ def read_yaml(path: str) -> dict[str, Any]:
     return data
 
 
-def check(condition: bool, message: str) -> None:
-    """Raise ConfigError(message) unless `condition`: the one-liner components validate with."""
+def check(condition: bool, message: str, error: type[UsageError] = ConfigError) -> None:
+    """Raise `error`(message) unless `condition`: the one-liner recipes (ConfigError) and command-line
+    flags (UsageError) are validated with."""
     if not condition:
-        raise ConfigError(message)
+        raise error(message)

@@ -1,6 +1,6 @@
 """Rank, world and rendezvous from whichever launcher started us: torchrun, the deepspeed launcher,
-SLURM's srun (one task per device), or none (a single process); and every collective flip-ds
-calls itself.
+SLURM's srun (one task per device), or none (a single process), read here and nowhere else; joining
+the process group, for training and for evaluation; and every collective flip-ds calls itself.
 
 The collectives live here, and only here, because the backend decides where their tensors must
 be: NCCL serves CUDA tensors only, gloo CPU ones. Each helper moves its input to the process
@@ -11,9 +11,11 @@ CPU and still run on a GPU cluster. (DeepSpeed's own collectives are its busines
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import socket
 import subprocess
+import warnings
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -67,6 +69,16 @@ def detect_dist_env() -> DistEnv:
     return DistEnv(0, 0, 1, 1, "127.0.0.1", _free_port(), "none")
 
 
+def quiet_deepspeed(info_logs: bool = True) -> None:
+    """Silence the FutureWarnings DeepSpeed raises on every step (ZeRO still calls collectives that
+    torch 2.13+ deprecates) and, with `info_logs=False`, its INFO lines, one set per engine, which
+    would bury a benchmark's table."""
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)`",
+                            category=FutureWarning)
+    if not info_logs:
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+
+
 def init_distributed(denv: DistEnv, timeout_s: float = DEFAULT_COMM_TIMEOUT_S) -> str:
     """Join the process group through DeepSpeed; returns the device name ('cuda' or 'cpu').
 
@@ -93,6 +105,16 @@ def init_distributed(denv: DistEnv, timeout_s: float = DEFAULT_COMM_TIMEOUT_S) -
     deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(), verbose=False,
                                timeout=datetime.timedelta(seconds=timeout_s))
     return device
+
+
+def init_for_inference(denv: DistEnv) -> torch.device:
+    """This rank's device for forward-only work (evaluation). Several ranks join the launcher's
+    process group, to gather their features, each on its own GPU; one process joins none, so it
+    needs no DeepSpeed, and takes the GPU if there is one."""
+    if denv.world_size == 1:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    kind = init_distributed(denv)
+    return torch.device(kind, denv.local_rank) if kind == "cuda" else torch.device("cpu")
 
 
 def shutdown() -> None:

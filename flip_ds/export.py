@@ -11,8 +11,8 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from flip_ds.config_loader import ConfigError, to_dict
-from flip_ds.loading import EXPORT_FORMAT, EXPORT_VERSION, Checkpoint, build_from
+from flip_ds.checkpoint import EXPORT_FORMAT, EXPORT_VERSION, Checkpoint, build_from
+from flip_ds.config_loader import UsageError, to_dict
 from flip_ds.models.vision import timm_kwargs
 
 TIMM_MODEL = "vit_base_patch16_224"  # any vit_* name works: the kwargs set the whole architecture
@@ -49,8 +49,8 @@ def export_timm(ckpt: Checkpoint, out: Path) -> dict[str, object]:
     got = {k: tuple(v.shape) for k, v in state.items()}
     if expected != got:
         diff = sorted(set(expected.items()) ^ set(got.items()))[:4]
-        raise ConfigError(f"the vision tower does not match timm {timm.__version__}'s {TIMM_MODEL} "
-                          f"with {kwargs}: differing (key, shape) {diff}")
+        raise UsageError(f"the vision tower does not match timm {timm.__version__}'s {TIMM_MODEL} "
+                         f"with {kwargs}: differing (key, shape) {diff}")
     _save(state, out, {"format": "timm", "timm_model": TIMM_MODEL, "timm_kwargs": json.dumps(kwargs),
                        "source": ckpt.source})
     return kwargs

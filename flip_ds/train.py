@@ -20,8 +20,7 @@ from flip_ds.config_loader import ConfigError, UsageError
 from flip_ds.data.pipeline import DataError, TrainStream
 from flip_ds.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
 from flip_ds.data.transforms import denormalize, normalize
-from flip_ds.distributed import (DistEnv, all_gather_object, all_reduce, detect_dist_env, init_distributed,
-                                 quiet_deepspeed, shutdown)
+from flip_ds.distributed import DistEnv, all_gather_object, all_reduce, detect_dist_env, init_distributed, shutdown
 from flip_ds.engine_config import validate_for_launch
 from flip_ds.metrics import CaptionRepeats, Stopwatch, TrainLogger, device_peak_tflops, format_eta, peak_memory_bytes
 from flip_ds.models.attention import AttentionPath, resolve_attention, use_attention
@@ -60,7 +59,7 @@ class TrainState:
 def train(recipe: Recipe) -> int:
     denv = detect_dist_env()
     splits = validate_for_launch(recipe, denv.world_size)
-    quiet_deepspeed()
+    distributed.quiet_deepspeed()
     _check_inputs(recipe)
     device = init_distributed(denv, recipe.train.comm_timeout_s)
     try:

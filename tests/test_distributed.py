@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 import os
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -119,3 +120,51 @@ def test_a_collective_waiting_for_a_stalled_rank_fails_after_the_timeout(tmp_pat
     outcome, waited = result.read_text().rsplit(" after ", 1)
     assert outcome.startswith("raised"), outcome
     assert timeout_s - 1 <= float(waited) <= timeout_s + 10  # DeepSpeed's default would have waited 600 s
+
+
+# -- one source for the launcher's world and for quieting DeepSpeed ----------------------------------
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID",
+                 "SLURM_NTASKS", "SLURM_STEP_ID", "SLURM_LOCALID", "SLURM_JOB_ID", "SLURM_NTASKS_PER_NODE")
+
+
+@pytest.mark.parametrize("env", [
+    {"RANK": "0", "WORLD_SIZE": "4", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"},  # torchrun / deepspeed
+    {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_STEP_ID": "0", "MASTER_ADDR": "127.0.0.1"},  # srun
+    {"SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_JOB_ID": "7"},  # sbatch's own shell: no step, so no rank
+    {},  # no launcher
+], ids=["torchrun", "srun", "sbatch-shell", "none"])
+def test_train_dry_run_validates_for_the_world_the_trainer_would_join(env, monkeypatch, capsys):
+    """`train --dry-run` without --world-size reads the launcher as the trainer does (detect_dist_env)."""
+    from flip_ds.cli import main
+
+    for var in LAUNCHER_VARS:
+        monkeypatch.delenv(var, raising=False)
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    world = distributed.detect_dist_env().world_size
+    assert main(["train", "--config", str(REPO / "configs" / "tiny_cpu.yaml"), "--dry-run",
+                 "train.micro_batch=8"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith(f"# world size {world}: 8 per device x {8 // world} ")
+
+
+def _calls_in(path: str, function: str) -> set[str]:
+    """Names of the functions `function` in `path` calls (`f(...)` and `module.f(...)` alike)."""
+    tree = ast.parse((REPO / path).read_text())
+    body = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == function)
+    return {c.func.attr if isinstance(c.func, ast.Attribute) else getattr(c.func, "id", "")
+            for c in ast.walk(body) if isinstance(c, ast.Call)}
+
+
+def test_train_and_bench_quiet_deepspeed_through_the_one_filter():
+    """Both entry points that build DeepSpeed engines call quiet_deepspeed; no other module filters
+    warnings; and the filter drops the deprecation warnings ZeRO causes, nothing else."""
+    for path, function in (("flip_ds/train.py", "train"), ("flip_ds/bench/runner.py", "run_bench")):
+        assert "quiet_deepspeed" in _calls_in(path, function), f"{path}:{function} does not call quiet_deepspeed"
+    sources = {str(p.relative_to(REPO)): p.read_text() for p in (REPO / "flip_ds").rglob("*.py")}
+    assert [path for path, text in sources.items() if "filterwarnings" in text] == [OWNER]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        distributed.quiet_deepspeed()
+        for name in ("all_gather_into_tensor", "reduce_scatter_tensor", "all_reduce"):
+            warnings.warn(f"`torch.distributed.{name}` is deprecated", FutureWarning, stacklevel=1)
+    assert [str(w.message) for w in caught] == ["`torch.distributed.all_reduce` is deprecated"]

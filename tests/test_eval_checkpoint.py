@@ -19,9 +19,10 @@ import timm
 import torch
 from PIL import Image
 
-from flip_ds import load
+from flip_ds import checkpoint, load
 from flip_ds.cli import main
 from flip_ds.config import load_recipe
+from flip_ds.config_loader import ConfigError, UsageError
 from flip_ds.data.tokenizer import Tokenizer, train_tokenizer
 from flip_ds.evaluation.datasets import read_image_folder
 from flip_ds.evaluation.runner import evaluate
@@ -61,7 +62,6 @@ def _train_eval_save(rank: int, world: int, recipe_path: str, out: str) -> None:
     """On each rank: a few ZeRO-3 steps, the in-training eval, then a flip-ds checkpoint."""
     import deepspeed
 
-    from flip_ds import checkpoint
     from flip_ds.loss import contrastive_loss
     from flip_ds.models.flip import build_model
 
@@ -140,6 +140,31 @@ def test_in_training_eval_under_zero3_matches_the_unpartitioned_model(trained):
     torch.testing.assert_close(plain, torch.load(trained / "zero3_class_emb.pt"), atol=1e-5, rtol=0)
 
 
+def test_resume_and_eval_find_the_same_checkpoint_from_each_path_a_user_may_give(trained, tmp_path):
+    """Training's resume= and eval / export / init_from (read_checkpoint) take the same three paths to
+    the same tag, and refuse a `latest` that names an incomplete tag with the same words."""
+    run = trained / "run"
+    tag_dir = run / "checkpoints" / "step_00000003"
+    recipe = load_recipe(str(trained / "recipe.yaml"))
+    fresh = tmp_path / "fresh" / "checkpoints"  # the resuming run's own, still empty
+    for path in (run, run / "checkpoints", tag_dir):
+        recipe.resume = str(path)
+        assert checkpoint.find_resume(recipe, fresh) == (run / "checkpoints", tag_dir.name), path
+        assert checkpoint.read_checkpoint(path).source == str(tag_dir), path
+    recipe.resume = "auto"
+    assert checkpoint.find_resume(recipe, run / "checkpoints") == (run / "checkpoints", tag_dir.name)
+    broken = tmp_path / "broken" / "checkpoints"
+    (broken / "step_00000009").mkdir(parents=True)  # a save killed before its meta.json
+    (broken / "latest").write_text("step_00000009")
+    for path in (broken.parent, broken):
+        recipe.resume = str(path)
+        with pytest.raises(UsageError, match="incomplete") as read_error:
+            checkpoint.read_checkpoint(path)
+        with pytest.raises(ConfigError) as resume_error:
+            checkpoint.find_resume(recipe, fresh)
+        assert str(resume_error.value) == f"resume: {read_error.value}"
+
+
 def test_zero_shot_same_numbers_on_1_and_2_processes_from_dir_and_export(trained, capsys):
     exported = trained / "model.safetensors"
     assert main(["export", str(trained / "run" / "checkpoints"), "--out", str(exported)]) == 0
@@ -173,7 +198,9 @@ def test_retrieval_cli_agrees_with_the_runner(trained, capsys):
 
 def test_masked_evaluation_is_seeded(trained):
     out = trained / "masked.json"
-    assert main(_zero_shot_args(trained, trained / "run", out) + ["--workers", "0", "--mask-ratio", "0.5"]) == 0
+    # fp32 as the direct evaluation below (auto would be bf16 on a CPU with native bf16)
+    assert main(_zero_shot_args(trained, trained / "run", out) + ["--workers", "0", "--mask-ratio", "0.5",
+                                                                  "--precision", "fp32"]) == 0
     result = json.loads(out.read_text())
     assert result["settings"]["mask_ratio"] == 0.5 and result["settings"]["seed"] == 0
     model, tok, _ = load(trained / "run")

@@ -13,8 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
-from flip_ds.config_loader import ConfigError
-from flip_ds.evaluation.datasets import ImageDataset, TarMember, read_image_folder, read_retrieval_set
+from flip_ds.config_loader import ConfigError, UsageError
+from flip_ds.data.reader import ShardReader, Skip, parse_sample
+from flip_ds.data.transforms import decode_image
+from flip_ds.evaluation.datasets import ImageDataset, eval_transform, read_image_folder, read_retrieval_set
 from flip_ds.evaluation.prompts import load_classnames, load_templates
 
 
@@ -36,13 +38,13 @@ def test_prompt_files_and_their_errors(tmp_path):
     (tmp_path / "t.txt").write_text("# my prompts\na photo of a {}.\n\n{} on a table\n")
     assert load_templates(str(tmp_path / "t.txt")) == ["a photo of a {}.", "{} on a table"]
     (tmp_path / "bad.txt").write_text("a photo\n")
-    with pytest.raises(ConfigError, match="exactly one"):
+    with pytest.raises(UsageError, match="exactly one"):
         load_templates(str(tmp_path / "bad.txt"))
-    with pytest.raises(ConfigError, match="neither a file nor one of clip80, clip_short"):
+    with pytest.raises(UsageError, match="neither a file nor one of clip80, clip_short"):
         load_templates("clip81")
     (tmp_path / "names.txt").write_text("red thing\nblue thing\n")
     assert load_classnames(str(tmp_path / "names.txt"), ["a", "b"]) == ["red thing", "blue thing"]
-    with pytest.raises(ConfigError, match="has 2 names but the image folder has 3 classes"):
+    with pytest.raises(UsageError, match="has 2 names but the image folder has 3 classes"):
         load_classnames(str(tmp_path / "names.txt"), ["a", "b", "c"])
     assert load_classnames("", ["golden_retriever", "cat"]) == ["golden retriever", "cat"]
 
@@ -133,20 +135,65 @@ def test_retrieval_shards_with_txt_and_json_captions(retrieval_dir):
     assert data.captions == [c for _, caps in RECORDS for c in caps]
     assert data.caption_image == expected_owner()
     assert data.skipped_samples == 2
-    assert all(isinstance(m, TarMember) for m in data.images)
+    assert [(Path(m.shard).name, m.key) for m in data.images] == [("0.tar", "00000"), ("0.tar", "00001"),
+                                                                ("1.tar", "10000")]
     ds = ImageDataset(data.images, 16)
     assert all(ds[i][1] for i in range(3))
     assert ds[2][0][2].mean() > 1.5  # blue, read back from the second shard
 
 
+def test_eval_reads_shards_as_training_does(faulty_shards):
+    """A shard retrieval set is what the training reader makes of the shards: the same samples (keys), the
+    same image bytes decoded to the same tensor, the same caption; samples training skips for a missing
+    or bad member are left out, images training cannot decode are counted unreadable, and a shard that
+    training would count as faulty makes the set unusable."""
+    whole = faulty_shards.shards[:4]  # the fifth is truncated, the sixth absent
+    trained = []
+    for url in whole:
+        for raw in ShardReader(url):
+            try:
+                trained.append(parse_sample(raw))
+            except Skip:
+                continue
+    data = read_retrieval_set("::".join(whole))
+    assert len(trained) == 154 and data.skipped_samples == 6  # 160 less 3 empty captions, 1 without .txt,
+    # 1 non-UTF-8 .txt and 1 without an image
+    assert [(m.shard, m.key) for m in data.images] == [(s.url, s.key) for s in trained]
+    assert [m.data for m in data.images] == [s.image for s in trained]
+    assert data.captions == [s.caption for s in trained]
+    assert data.caption_image == list(range(154))
+
+    ds, transform = ImageDataset(data.images, 32), eval_transform(32)
+    unreadable = 0
+    for i, sample in enumerate(trained):
+        image, valid = ds[i]
+        try:
+            expected = transform(decode_image(sample.image))
+        except Skip:
+            assert not valid and torch.count_nonzero(image) == 0
+            unreadable += 1
+            continue
+        assert valid and torch.equal(image, expected)
+    assert unreadable == 9  # the corrupt JPEGs of the first four shards
+
+    with pytest.raises(ConfigError, match=r"retrieval shard '.*00004\.tar' cannot be read \(truncated_tar\)"):
+        read_retrieval_set(faulty_shards.shards[4])
+    with pytest.raises(ConfigError, match=r"retrieval shard '.*00005\.tar' cannot be read \(missing_shard\)"):
+        read_retrieval_set(faulty_shards.shards[5])
+
+
 def test_retrieval_errors(tmp_path):
-    with pytest.raises(ConfigError, match="do not exist"):
+    with pytest.raises(ConfigError, match="does not exist"):
         read_retrieval_set(str(tmp_path / "nope.jsonl"))
     (tmp_path / "bad.jsonl").write_text('{"image": "x.png"}\n')
-    with pytest.raises(ConfigError, match="record 0: need 'image'"):
+    with pytest.raises(ConfigError, match=r"needs a caption column \(one of caption, captions, text, title\); "
+                                          r"it has \['image'\]"):
         read_retrieval_set(str(tmp_path / "bad.jsonl"))
-    (tmp_path / "bad.csv").write_text("path,text\nx.png,hello\n")
-    with pytest.raises(ConfigError, match="needs an 'image'"):
+    (tmp_path / "list.json").write_text('["x.png"]')
+    with pytest.raises(ConfigError, match="record 0: not an object"):
+        read_retrieval_set(str(tmp_path / "list.json"))
+    (tmp_path / "bad.csv").write_text("filename,label\nx.png,hello\n")
+    with pytest.raises(ConfigError, match=r"needs a path column \(one of path, image, filepath, file\)"):
         read_retrieval_set(str(tmp_path / "bad.csv"))
     (tmp_path / "junk.tar").write_bytes(b"this is not a tar archive" * 40)
     with pytest.raises(ConfigError, match="cannot be read"):
@@ -160,7 +207,7 @@ def test_check_sets_fails_at_start_up_on_a_bad_set(tmp_path):
     write_image(tmp_path / "zs" / "red" / "0.png", (255, 0, 0))
     good = EvalSet(name="zs", kind="zero_shot", path=str(tmp_path / "zs"), templates="clip_short")
     check_sets([good])
-    with pytest.raises(ConfigError, match="has 1000 names but the image folder has 1 classes"):
+    with pytest.raises(UsageError, match="has 1000 names but the image folder has 1 classes"):
         check_sets([good, EvalSet(name="in1k", kind="zero_shot", path=str(tmp_path / "zs"), classnames="imagenet1k")])
-    with pytest.raises(ConfigError, match="do not exist"):
+    with pytest.raises(ConfigError, match="does not exist"):
         check_sets([EvalSet(name="rt", kind="retrieval", path=str(tmp_path / "nope.jsonl"))])

@@ -10,12 +10,12 @@ import timm
 import torch
 
 from flip_ds import load
+from flip_ds.checkpoint import Checkpoint, build_from
 from flip_ds.cli import main
 from flip_ds.config import load_recipe
-from flip_ds.config_loader import ConfigError
+from flip_ds.config_loader import UsageError
 from flip_ds.data.tokenizer import Tokenizer, train_tokenizer
 from flip_ds.export import export_model, export_timm, timm_create_call
-from flip_ds.loading import Checkpoint, build_from
 from flip_ds.models.flip import build_model
 
 CAPTIONS = [f"a {size} {color} {shape} on a {bg} background" for size in ("small", "large")
@@ -92,20 +92,20 @@ def test_whole_model_export_is_self_contained(tmp_path, tokenizer_file):
 def test_load_refuses_what_it_cannot_read(tmp_path, tokenizer_file):
     ckpt = fresh_checkpoint(tokenizer_file, "avg")
     export_timm(ckpt, tmp_path / "vision.safetensors")
-    with pytest.raises(ConfigError, match="not a flip-ds export"):
+    with pytest.raises(UsageError, match="not a flip-ds export"):
         load(tmp_path / "vision.safetensors")
     (tmp_path / "junk.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")
-    with pytest.raises(ConfigError, match="not a safetensors file"):
+    with pytest.raises(UsageError, match="not a safetensors file"):
         load(tmp_path / "junk.safetensors")
-    with pytest.raises(ConfigError, match="does not exist"):
+    with pytest.raises(UsageError, match="does not exist"):
         load(tmp_path / "missing")
     (tmp_path / "run").mkdir()
-    with pytest.raises(ConfigError, match="is not a flip-ds checkpoint"):
+    with pytest.raises(UsageError, match="is not a flip-ds checkpoint"):
         load(tmp_path / "run")
     other = fresh_checkpoint(tokenizer_file, "avg")
     other.state_dict = {k: v for k, v in other.state_dict.items() if k != "text_proj.weight"}
     export_model(other, tmp_path / "partial.safetensors")
-    with pytest.raises(ConfigError, match="missing \\['text_proj.weight'\\]"):
+    with pytest.raises(UsageError, match="missing \\['text_proj.weight'\\]"):
         load(tmp_path / "partial.safetensors")
 
 

@@ -67,6 +67,28 @@ def test_a_recipe_that_cannot_run_is_refused_with_its_own_one_line_error():
         assert len(err.strip().splitlines()) == 1 and err.startswith(f"flip-ds: error: {error}"), err
 
 
+def test_recipe_ok_is_the_validators_split_and_train_dry_runs_line():
+    """`slurm` validates as `train --dry-run --world-size N` does, and says the same: here with a phase of
+    its own micro batch, so each phase's split (as validate_for_launch cuts it) is named."""
+    from flip_ds.config import load_recipe
+    from flip_ds.engine_config import validate_for_launch
+
+    overrides = ["phases.0.micro_batch=64"]
+    status, out, err = slurm("--config", H14, "--nodes", "2", "--gpus-per-node", "8", "--dry-run", *overrides)
+    assert status == 0, err
+    dry = io.StringIO()
+    with contextlib.redirect_stdout(dry):
+        assert main(["train", "--config", H14, "--dry-run", "--world-size", "16", *overrides]) == 0
+    line = out.splitlines()[0]
+    assert line == "recipe ok: " + dry.getvalue().splitlines()[-1].removeprefix("# ")
+    recipe = load_recipe(H14, overrides)
+    splits = validate_for_launch(recipe, 16)
+    assert line == ("recipe ok: world size 16: " + "; ".join(
+        f"{phase.name} {s.micro} per device x {s.accum} accumulation" for phase, s in zip(recipe.phases, splits))
+        + f" x 16 ranks = global batch 65536; {recipe.total_samples} samples in 2 phase(s)")
+    assert [(s.micro, s.accum) for s in splits] == [(64, 64), (128, 32)]
+
+
 def test_bad_options_are_refused_before_anything_runs():
     for extra in (["--chain", "0"], ["--nodes", "0"], ["--signal-seconds", "0"], ["--template", "/nonexistent"]):
         status, _, err = slurm("--config", H14, *extra)

@@ -8,7 +8,7 @@ import argparse
 import importlib
 import sys
 
-from flip_ds.config_loader import ConfigError
+from flip_ds.config_loader import UsageError
 
 COMMANDS = [
     "flip_ds.cli.train",
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except ConfigError as e:
+    except UsageError as e:  # the user's input is wrong (ConfigError: the recipe's): one line, no traceback
         print(f"flip-ds: error: {e}", file=sys.stderr)
         return 2
 

@@ -30,10 +30,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from flip_ds.config_loader import check
+    from flip_ds.config_loader import UsageError, check
     from flip_ds.data.bench import bench_data, feeding
 
-    check((args.recipe is None) == (args.gpus is None), "--recipe and --gpus go together")
+    check((args.recipe is None) == (args.gpus is None), "--recipe and --gpus go together", UsageError)
     r = bench_data(args.shards, args.tokenizer, workers=args.workers, batch_size=args.batch_size,
                    seconds=args.seconds, image_size=args.image_size, context_length=args.context_length)
     if args.recipe:

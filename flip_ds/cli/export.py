@@ -25,11 +25,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from flip_ds.config_loader import check
+    from flip_ds.config_loader import UsageError, check
 
-    check(args.out is not None or args.timm_out is not None, "export: give --out and/or --timm-out")
+    check(args.out is not None or args.timm_out is not None, "export: give --out and/or --timm-out", UsageError)
+    from flip_ds.checkpoint import read_checkpoint
     from flip_ds.export import export_model, export_timm, timm_create_call
-    from flip_ds.loading import read_checkpoint
 
     ckpt = read_checkpoint(args.checkpoint)
     params = sum(t.numel() for t in ckpt.state_dict.values())

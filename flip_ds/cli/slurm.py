@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import os
 import shlex
 import subprocess
@@ -12,7 +10,7 @@ import sys
 from pathlib import Path
 
 from flip_ds.cli import HelpFormatter
-from flip_ds.config_loader import ConfigError
+from flip_ds.config_loader import UsageError
 
 TEMPLATE = Path(__file__).resolve().parents[2] / "slurm" / "train.sbatch"
 
@@ -51,19 +49,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def validate(config: str, overrides: list[str], world: int) -> str:
-    """Run `flip-ds train --dry-run` for `world` ranks in-process; returns its summary line.
-    A recipe that cannot run raises its ConfigError here, before anything is queued."""
-    from flip_ds.cli import build_parser
-
-    args = build_parser().parse_args(["train", "--config", config, "--dry-run", "--world-size", str(world),
-                                      *overrides])
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        args.func(args)
-    return out.getvalue().rstrip().splitlines()[-1].lstrip("# ")
-
-
 def _cpus_per_task(partition: str | None, tasks_per_node: int) -> int | None:
     """The partition's smallest node's CPUs shared by the tasks on a node; None where sinfo cannot
     say (the job then gets Slurm's default, often one CPU per task)."""
@@ -94,18 +79,21 @@ def sbatch_command(args: argparse.Namespace, output_dir: Path, dependency: str |
 
 
 def run(args: argparse.Namespace) -> int:
+    from flip_ds.cli.train import launch_summary
     from flip_ds.config import load_recipe
+    from flip_ds.engine_config import validate_for_launch
 
     if args.nodes < 1 or args.gpus_per_node < 0 or (args.tasks_per_node is not None and args.tasks_per_node < 1):
-        raise ConfigError("--nodes and --tasks-per-node must be >= 1, --gpus-per-node >= 0")
+        raise UsageError("--nodes and --tasks-per-node must be >= 1, --gpus-per-node >= 0")
     if args.chain < 1 or args.max_restarts < 0 or args.signal_seconds < 1:
-        raise ConfigError("--chain and --signal-seconds must be >= 1, --max-restarts >= 0")
+        raise UsageError("--chain and --signal-seconds must be >= 1, --max-restarts >= 0")
     if not Path(args.template).is_file():
-        raise ConfigError(f"--template: '{args.template}' does not exist (run from a flip-ds checkout or pass it)")
+        raise UsageError(f"--template: '{args.template}' does not exist (run from a flip-ds checkout or pass it)")
     world = args.nodes * (args.tasks_per_node or args.gpus_per_node or 1)
-    summary = validate(args.config, args.overrides, world)
-    output_dir = Path(load_recipe(args.config, args.overrides).output_dir)
-    print(f"recipe ok: {summary}")
+    recipe = load_recipe(args.config, args.overrides)
+    splits = validate_for_launch(recipe, world)  # a recipe that cannot run stops here, before anything is queued
+    output_dir = Path(recipe.output_dir)
+    print(f"recipe ok: {launch_summary(recipe, world, splits)}")
     if args.dry_run:
         for k in range(args.chain):
             print(shlex.join(sbatch_command(args, output_dir, "afterany:$PREVIOUS_JOB" if k else None)))

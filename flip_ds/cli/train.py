@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from flip_ds.cli import HelpFormatter
+
+if TYPE_CHECKING:
+    from flip_ds.config import BatchSplit, Recipe
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -20,28 +24,39 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dry-run", action="store_true",
                    help="validate the recipe for the world size and print the resolved plan, then exit")
     p.add_argument("--world-size", type=int, default=None,
-                   help="world size to validate against (default: from WORLD_SIZE / SLURM_NTASKS, else 1)")
+                   help="world size to validate against (default: the launcher's, else 1)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from flip_ds.config import load_recipe, world_size_from_env
+    from flip_ds.config import load_recipe
     from flip_ds.config_loader import to_dict
     from flip_ds.engine_config import validate_for_launch
 
     recipe = load_recipe(args.config, args.overrides)
-    world = args.world_size or world_size_from_env()
+    world = args.world_size or _launched_world_size()
     splits = validate_for_launch(recipe, world)
     if args.dry_run:
         import yaml
 
         print(yaml.safe_dump(to_dict(recipe), sort_keys=False).rstrip())
-        cut = [f"{s.micro} per device x {s.accum} accumulation" for s in splits]
-        per_phase = cut[0] if len(set(cut)) == 1 else "; ".join(f"{p.name} {c}" for p, c in zip(recipe.phases, cut))
-        print(f"# world size {world}: {per_phase} x {world} ranks "
-              f"= global batch {recipe.train.global_batch}; {recipe.total_samples} samples in "
-              f"{len(recipe.phases)} phase(s)")
+        print(f"# {launch_summary(recipe, world, splits)}")
         return 0
     from flip_ds.train import train
 
     return train(recipe)
+
+
+def _launched_world_size() -> int:
+    # imported only here: a recipe error, and a dry run given --world-size, need no torch
+    from flip_ds.distributed import detect_dist_env
+
+    return detect_dist_env().world_size
+
+
+def launch_summary(recipe: Recipe, world: int, splits: list[BatchSplit]) -> str:
+    """How a launch on `world` ranks cuts the recipe's batch, in one line (`train --dry-run`, `slurm`)."""
+    cut = [f"{s.micro} per device x {s.accum} accumulation" for s in splits]
+    per_phase = cut[0] if len(set(cut)) == 1 else "; ".join(f"{p.name} {c}" for p, c in zip(recipe.phases, cut))
+    return (f"world size {world}: {per_phase} x {world} ranks = global batch {recipe.train.global_batch}; "
+            f"{recipe.total_samples} samples in {len(recipe.phases)} phase(s)")

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from flip_ds.config_loader import ConfigError
+from flip_ds.config_loader import UsageError
 from flip_ds.evaluation.datasets import ClassificationSet, ImageDataset
 from flip_ds.evaluation.features import ImageSource, encode_all, image_encoder
 
@@ -51,7 +51,7 @@ def fit_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test
     from sklearn.model_selection import train_test_split
 
     if len(np.unique(train_y)) < 2:
-        raise ConfigError("linear probe: the training set needs images of at least 2 classes")
+        raise UsageError("linear probe: the training set needs images of at least 2 classes")
     counts = np.bincount(train_y)
     n_classes = int((counts > 0).sum())
     # Stratified when every class can give one image to each side; the held-out side then needs

@@ -12,7 +12,7 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
-from flip_ds.config_loader import ConfigError
+from flip_ds.config_loader import UsageError
 
 BUILTIN_CLASSNAMES = {"imagenet1k": "imagenet1k_classnames.txt"}
 BUILTIN_TEMPLATES = {"clip80": "templates_clip80.txt", "clip_short": "templates_clip_short.txt"}
@@ -28,10 +28,10 @@ def _read(spec: str, builtin: dict[str, str], what: str) -> list[str]:
         return _lines(resources.files("flip_ds.evaluation").joinpath("assets", builtin[spec]).read_text("utf-8"))
     path = Path(spec)
     if not path.is_file():
-        raise ConfigError(f"{what} '{spec}' is neither a file nor one of {', '.join(builtin)}")
+        raise UsageError(f"{what} '{spec}' is neither a file nor one of {', '.join(builtin)}")
     lines = _lines(path.read_text("utf-8"))
     if not lines:
-        raise ConfigError(f"{what} file '{spec}' has no entries")
+        raise UsageError(f"{what} file '{spec}' has no entries")
     return lines
 
 
@@ -40,7 +40,7 @@ def load_templates(spec: str) -> list[str]:
     templates = _read(spec, BUILTIN_TEMPLATES, "templates")
     for t in templates:
         if t.count("{}") != 1:
-            raise ConfigError(f"template {t!r} in '{spec}' must contain exactly one '{{}}' (the class name)")
+            raise UsageError(f"template {t!r} in '{spec}' must contain exactly one '{{}}' (the class name)")
     return templates
 
 
@@ -54,6 +54,6 @@ def load_classnames(spec: str, folder_classes: list[str]) -> list[str]:
         return [c.replace("_", " ") for c in folder_classes]
     names = _read(spec, BUILTIN_CLASSNAMES, "classnames")
     if len(names) != len(folder_classes):
-        raise ConfigError(f"classnames '{spec}' has {len(names)} names but the image folder has "
-                          f"{len(folder_classes)} classes")
+        raise UsageError(f"classnames '{spec}' has {len(names)} names but the image folder has "
+                         f"{len(folder_classes)} classes")
     return names

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from flip_ds.config_loader import ConfigError
+from flip_ds.config_loader import UsageError
 from flip_ds.data.tokenizer import Tokenizer
 from flip_ds.evaluation.datasets import ImageDataset, RetrievalSet
 from flip_ds.evaluation.features import ImageSource, TokenSource, encode_all, image_encoder, text_encoder
@@ -40,7 +40,7 @@ def evaluate_retrieval(model: torch.nn.Module, tokenizer: Tokenizer, data: Retri
                                   image_encoder(model, device, dtype, mask_ratio, seed), batch_size, device,
                                   "retrieval images", progress)
     if not valid.any():
-        raise ConfigError(f"none of the {len(valid)} images of the retrieval set could be read")
+        raise UsageError(f"none of the {len(valid)} images of the retrieval set could be read")
     # Drop unreadable images and their captions; renumber the remaining images 0..I'-1.
     new_index = torch.cumsum(valid.long(), 0) - 1
     owner = torch.tensor(data.caption_image)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from flip_ds.config_loader import ConfigError
+from flip_ds.config_loader import UsageError
 from flip_ds.data.tokenizer import Tokenizer
 from flip_ds.evaluation.datasets import ClassificationSet, ImageDataset
 from flip_ds.evaluation.features import ImageSource, TokenSource, encode_all, image_encoder, text_encoder
@@ -58,7 +58,7 @@ def evaluate_zero_shot(model: torch.nn.Module, tokenizer: Tokenizer, data: Class
                                   image_encoder(model, device, dtype, mask_ratio, seed), batch_size, device,
                                   "zero-shot images", progress)
     if not valid.any():
-        raise ConfigError(f"none of the {len(valid)} images of the zero-shot set could be read")
+        raise UsageError(f"none of the {len(valid)} images of the zero-shot set could be read")
     labels = torch.tensor(data.labels)[valid]
     metrics, per_class = score(image_emb[valid], labels, class_emb, data.classes, classnames)
     return ZeroShotResult(metrics, per_class, int(valid.sum()), int((~valid).sum()))
