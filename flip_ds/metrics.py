@@ -137,10 +137,6 @@ class TrainLogger:
         if self.writer:
             self.writer.add_text(tag, text, samples_seen)
 
-    def flush(self) -> None:
-        if self.writer:
-            self.writer.flush()
-
     def close(self) -> None:
         if self.writer:
             self.writer.close()

@@ -22,8 +22,8 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from flip_ds.config import Recipe
-from flip_ds.config_loader import check
+from flip_ds.config import BatchSplit, Recipe
+from flip_ds.config_loader import ConfigError, check
 from flip_ds.cost import Clock, Setting, clock
 from flip_ds.engine_config import load_engine_json
 from flip_ds.models.config import ModelConfig
@@ -262,8 +262,9 @@ class Plan:
     precision: str
     cluster: Cluster
     global_batch: int
-    micro_batch: int
-    accum_steps: int | None  # None: the recipe's micro batch does not divide its share of the batch
+    micro_batch: int  # the first phase's split, the one the trainer starts with
+    accum_steps: int | None  # None: the recipe's batch does not split over these GPUs
+    split_error: str  # why not, in the trainer's words; '' when it splits
     checkpointing: bool
     states: ModelStates
     phases: list[PhaseCost]
@@ -326,6 +327,19 @@ def vocab_size_of(recipe: Recipe, default: int) -> int:
     return default
 
 
+def batch_splits(recipe: Recipe, world: int) -> tuple[list[BatchSplit], str]:
+    """Each phase's batch split on `world` GPUs as the trainer cuts it (`Recipe.validate_world`, which
+    honours `train.accum_steps`), and ''. When the recipe does not split over `world` GPUs, the
+    trainer's error instead, with each phase's micro batch repeated to cover its share of the batch,
+    so that the rest of the plan (and the largest micro batch that would fit) can still be costed."""
+    try:
+        return recipe.validate_world(world), ""
+    except ConfigError as error:
+        rows = recipe.train.global_batch // world
+        micros = [phase.micro_batch or recipe.train.micro_batch for phase in recipe.phases]
+        return [BatchSplit(micro, math.ceil(rows / micro)) for micro in micros], str(error)
+
+
 def plan(recipe: Recipe, cluster: Cluster, setting: Setting, vocab_size: int, recipe_name: str = "") -> Plan:
     cluster.validate()
     setting.validate()
@@ -338,27 +352,27 @@ def plan(recipe: Recipe, cluster: Cluster, setting: Setting, vocab_size: int, re
     total, largest = parameter_counts(recipe.model, vocab_size)
     states = model_states(total, largest, zero, precision, world, cluster.gpus_per_node)
     spans = PhasePlan(recipe.phases, recipe.optim, g).spans
-    micro = recipe.train.micro_batch
+    splits, split_error = batch_splits(recipe, world)
     ckpt = recipe.model.activation_checkpointing
 
     phases = []
-    for span in spans:
+    for span, split in zip(spans, splits):
         ph = span.phase
         samples = span.steps * g
         train_flops = flops_per_sample(recipe.model, ph.mask_ratio).train
         phases.append(PhaseCost(
             ph.name, ph.mask_ratio, samples, train_flops / 1e9,
-            activations(recipe.model, ph.micro_batch or micro, ph.mask_ratio, precision, rows, g, True),
-            activations(recipe.model, ph.micro_batch or micro, ph.mask_ratio, precision, rows, g, False)))
+            activations(recipe.model, split.micro, ph.mask_ratio, precision, rows, g, True),
+            activations(recipe.model, split.micro, ph.mask_ratio, precision, rows, g, False)))
 
     budget = cluster.gpu_mem_gib * GIB - states.total - zero.bucket_bytes(precision) - cluster.reserve_gib * GIB
     worst_mask = min(p.mask_ratio for p in phases)  # fewest patches dropped: the most tokens
     max_micro = next((m for m in _divisors_descending(rows)
                       if activations(recipe.model, m, worst_mask, precision, rows, g, ckpt).peak <= budget), 0)
-    accums = [math.ceil(rows / (ph.micro_batch or micro)) for ph in recipe.phases]
     return Plan(recipe=recipe_name, model=recipe.model.name, params=total, largest_layer_params=largest,
                 vocab_size=vocab_size, zero=zero, precision=precision, cluster=cluster, global_batch=g,
-                micro_batch=micro, accum_steps=rows // micro if rows % micro == 0 else None, checkpointing=ckpt,
-                states=states, phases=phases, max_micro_batch=max_micro,
+                micro_batch=splits[0].micro, accum_steps=None if split_error else splits[0].accum,
+                split_error=split_error, checkpointing=ckpt, states=states, phases=phases, max_micro_batch=max_micro,
                 max_micro_accum=rows // max_micro if max_micro else None, setting=setting,
-                clock=clock(recipe, setting, cluster.gpus, cluster.gpus_per_node, total, accums, precision))
+                clock=clock(recipe, setting, cluster.gpus, cluster.gpus_per_node, total,
+                            [split.accum for split in splits], precision))

@@ -1,5 +1,6 @@
 """The benchmark's machinery at smoke size: its arithmetic, OpenCLIP's twin of our model, and the
-JSON of one real two-rank run. Timings are never asserted: only their bookkeeping."""
+JSON of one real two-rank run. Timings are asserted only within bands an order of magnitude wide,
+against a matmul timed here: enough to catch a wrong unit, never a slow machine."""
 
 from __future__ import annotations
 
@@ -9,22 +10,67 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from flip_ds.bench.cases import interleave
-from flip_ds.bench.synthetic import synthetic_batch
+from flip_ds.bench.random_batch import random_batch
 from flip_ds.bench.table import Row, fill_mask_ratios, fill_throughput, largest_batch, peer_summary, train_flops_ratio
 from flip_ds.cli import main
 from flip_ds.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from flip_ds.models.config import ModelConfig
 from flip_ds.models.flip import FLIP
 from flip_ds.models.flops import flops_per_sample
+from flip_ds.plan import parameter_counts
+from flip_ds.precision import dtype_of
 from tests.distributed_helpers import REPO, torchrun
 
 B16 = ModelConfig(name="B/16")
+SMOKE_PARAMS = parameter_counts(ModelConfig(name="tiny"), 1000)[0]  # --smoke: the tiny model, vocabulary 1000
+
+
+def matmul_tflops(precision: str, threads: int) -> float:
+    """This process's best rate for a 1024^2 product in `precision` on `threads` threads: the
+    reference the bench's own matmul peak is checked against (best of 5, so a busy moment here
+    does not lower it)."""
+    a = torch.randn(1024, 1024).to(dtype_of(precision))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.mm(a, a)
+        seconds = []
+        for _ in range(5):
+            start = time.perf_counter()
+            torch.mm(a, a)
+            seconds.append(time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(previous)
+    return 2 * 1024**3 / min(seconds) / 1e12
+
+
+def assert_smoke_result_is_plausible(result: dict, precision: str) -> None:
+    """What a --smoke run reports when the bench measures right, far from a unit slip (1000x) or a
+    lost dimension (2048x). On a CPU (the tiny model, batch 4): the matmul peak, each rank's square
+    product with the ranks at once, measured at 0.7x this process's own rate on as many threads;
+    MFU measured 0.7-16% (a GPU only bounds it by 1); the optimizer 6-35% of the step. Anywhere:
+    held memory is at least Adam's two fp32 moments of the rank's share of the parameters, which
+    ZeRO keeps between steps (measured 0.013-0.12 GiB), and well below a GiB."""
+    machine = result["machine"]
+    on_cpu = machine["accelerator"] == "cpu"
+    if on_cpu:
+        peak = result["peak_tflops_per_rank"][precision]
+        reference = matmul_tflops(precision, machine["threads_per_rank"])
+        assert reference / 8 < peak < reference * 4, (peak, reference)
+    lowest_mfu, highest_mfu = (0.001, 0.6) if on_cpu else (0.0, 1.0)
+    moments_gib = 8 * SMOKE_PARAMS / machine["ranks"] / 2**30
+    for row in result["rows"]:
+        assert lowest_mfu < row["mfu"] < highest_mfu, row
+        if row["stack"] == "flip-ds":
+            assert moments_gib < row["held_gb"] <= row["peak_gb"] < 1.0, row
+            assert not on_cpu or 0.005 < row["optimizer_share"] < 0.9, row
 
 
 def test_throughput_tflops_and_mfu_follow_from_the_step_time():
@@ -81,15 +127,15 @@ def test_largest_batch_is_the_exact_boundary(bytes_at):
     assert len(set(calls)) <= 10  # predicted from two points, then confirmed or bisected; no linear scan
 
 
-def test_synthetic_captions_are_laid_out_like_the_tokenizer_writes_them():
-    images, tokens = synthetic_batch(16, 32, 12, 100, seed=3, device="cpu", dtype=torch.bfloat16)
+def test_random_captions_are_laid_out_like_the_tokenizer_writes_them():
+    images, tokens = random_batch(16, 32, 12, 100, seed=3, device="cpu", dtype=torch.bfloat16)
     assert images.shape == (16, 3, 32, 32) and images.dtype == torch.bfloat16
     assert (tokens[:, 0] == BOS_ID).all()
     for row in tokens.tolist():
         eos = row.index(EOS_ID)
         assert all(4 <= t < 100 for t in row[1:eos]) and eos >= 2
         assert all(t == PAD_ID for t in row[eos + 1:])
-    again = synthetic_batch(16, 32, 12, 100, seed=3, device="cpu", dtype=torch.bfloat16)
+    again = random_batch(16, 32, 12, 100, seed=3, device="cpu", dtype=torch.bfloat16)
     assert torch.equal(tokens, again[1]) and torch.equal(images, again[0])
 
 
@@ -118,8 +164,8 @@ def test_openclip_twin_does_the_same_model_flops(mask):
     ours = FLIP(cfg, vocab_size=1000).train()
     theirs = open_clip.model.CLIP(**openclip_model_config(cfg, 1000, patch_dropout=0.5), output_dict=True).train()
     theirs.visual.patch_dropout.prob = mask
-    images, tokens = synthetic_batch(2, cfg.resolved_image_size, cfg.context_length, 1000, seed=0, device="cpu",
-                                     dtype=torch.float32)
+    images, tokens = random_batch(2, cfg.resolved_image_size, cfg.context_length, 1000, seed=0, device="cpu",
+                                  dtype=torch.float32)
     with FlopCounterMode(display=False) as counted_ours:
         ours(images, tokens, mask)
     with FlopCounterMode(display=False) as counted_theirs:
@@ -149,8 +195,8 @@ def test_two_rank_smoke_run_reports_every_setup_consistently(tmp_path):
     assert result["machine"]["ranks"] == 2 and result["spec"]["model"] == "tiny"
     [precision] = result["spec"]["precisions"]  # 'auto', resolved for this CPU
     assert precision in ("bf16", "fp32") and result["spec"]["peer_precisions"] is None
+    assert_smoke_result_is_plausible(result, precision)
     peak = result["peak_tflops_per_rank"][precision]
-    assert peak > 0
     rows = result["rows"]
     flip = {(r["setup"], r["mask"]): r for r in rows if r["stack"] == "flip-ds"}
     assert set(flip) == {(f"zero{s} {precision}", m) for s in (1, 3) for m in (0.0, 0.5)}
@@ -158,14 +204,13 @@ def test_two_rank_smoke_run_reports_every_setup_consistently(tmp_path):
     peer_setup = {"bf16": "amp_bf16", "fp32": "fp32"}[precision]
     assert set(theirs) == {0.0, 0.5} and all(r["ranks"] == 1 and r["setup"] == peer_setup for r in theirs.values())
     for r in rows:
-        assert r["step_s"] == statistics.median(r["step_s_samples"]) > 0
+        assert r["step_s"] == statistics.median(r["step_s_samples"])
         assert r["samples_per_s"] == pytest.approx(4 * r["ranks"] / r["step_s"])
         assert r["tflops"] == pytest.approx(flops_per_sample(tiny, r["mask"]).train * r["samples_per_s"] / 1e12)
         assert r["ratio_to_mask0"] == pytest.approx(r["step_s"] / next(
             o["step_s"] for o in rows if o["stack"] == r["stack"] and o["setup"] == r["setup"] and o["mask"] == 0))
     for r in flip.values():
         assert r["mfu"] == pytest.approx(r["tflops"] / (2 * peak))
-        assert 0 < r["held_gb"] <= r["peak_gb"] and 0 <= r["optimizer_share"] < 1
     # OpenCLIP is one process with the whole node: its MFU is against both ranks' peak too
     assert theirs[0.0]["mfu"] == pytest.approx(theirs[0.0]["tflops"] / (2 * peak))
     assert [p["mask"] for p in result["peer"]] == [0.0, 0.5]
@@ -189,8 +234,9 @@ def test_gpu_bench_script_runs_its_smoke_mode_on_a_cpu(tmp_path):
     rows, [precision] = result["rows"], result["spec"]["precisions"]
     assert {(r["setup"], r["mask"]) for r in rows} == {(f"zero{s} {precision}", m) for s in (1, 3)
                                                        for m in (0.0, 0.5, 0.75)}
-    assert all(r["mfu"] > 0 and r["peak_gb"] > 0 for r in rows)
-    assert (tmp_path / "smoke.log").read_text().count("samples/s") >= 1
+    assert_smoke_result_is_plausible(result, precision)
+    table = [line for line in (tmp_path / "smoke.log").read_text().splitlines() if line.startswith("flip-ds ")]
+    assert len(table) == len(rows) == 6  # the log holds the table: a line per setup and mask
 
 
 class _CountingCase:

@@ -57,8 +57,7 @@ def test_resampled_workers_consume_the_faulty_shards_without_error(faulty_shards
     counts = stream.skip_counts()
     stream.close()
     assert keys <= faulty_shards.good_keys  # nothing bad ever reaches a batch
-    assert {c for c in CAUSES if counts[c]} == set(faulty_shards.expected)
-    assert counts["missing_shard"] >= 1 and counts["corrupt_image"] >= 1
+    assert {c for c in CAUSES if counts[c]} == set(faulty_shards.expected)  # every kind of fault, counted
 
 
 def test_reader_classifies_shard_faults(tmp_path):

@@ -29,8 +29,8 @@ def test_cpu_mode_passes_every_stage_and_writes_its_figures(tmp_path):
     assert s["eval"]["zero_shot"]["top1"] == s["train"]["zero_shot_top1_in_training"]  # same weights, same set
     assert s["export"]["loaded_on"] == "cpu" and s["export"]["image_embedding"] == "(2, 128)"
     assert {s["zero_stages"][f"zero{z}_first_loss"] for z in (1, 2, 3)} == {s["train"]["loss_first"]}
-    for mask in ("0", "0.5", "0.75"):
-        assert 0 < s["bench"][f"mask_{mask}"]["mfu"] < 1
+    for mask in ("0", "0.5", "0.75"):  # `bench --smoke` on one CPU rank: MFU measured 0.8-9%
+        assert 0.001 < s["bench"][f"mask_{mask}"]["mfu"] < 0.6, s["bench"]
 
 
 def _load_smoke_module():

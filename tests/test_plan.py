@@ -15,13 +15,14 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from flip_ds.cli import main
 from flip_ds.config import load_recipe
-from flip_ds.cost import MFU_HIGH, MFU_LOW, step_bytes_sent
+from flip_ds.config_loader import ConfigError
+from flip_ds.cost import MFU_HIGH, MFU_LOW, Setting, step_bytes_sent
 from flip_ds.loss import contrastive_loss
 from flip_ds.memory import saved_activation_bytes
 from flip_ds.models.config import ModelConfig
 from flip_ds.models.flip import FLIP
 from flip_ds.models.flops import flops_per_sample
-from flip_ds.plan import ZeroSetup, activations, model_states, parameter_counts
+from flip_ds.plan import Cluster, ZeroSetup, activations, model_states, parameter_counts, plan
 
 REPO = Path(__file__).resolve().parent.parent
 H14_ZERO3 = str(REPO / "configs" / "flip_h14_laion2b_25.6b.yaml")  # ZeRO-3, activation checkpointing
@@ -115,6 +116,25 @@ def test_plan_json_fits_splits_the_batch_and_costs_the_samples():
     slow, fast = plan["hours"]
     assert fast < slow and plan["gpu_hours"] == pytest.approx([slow * 256, fast * 256])
     assert plan["setting"]["mfu"] == [MFU_LOW, MFU_HIGH]
+
+
+def test_plan_splits_the_batch_as_the_trainer_does_with_the_recipes_own_accumulation():
+    recipe = load_recipe(H14_ZERO2, ["train.accum_steps=4"])
+    on_128 = plan(recipe, Cluster(gpus=128, gpu_mem_gib=80), Setting(), 32000)
+    assert (on_128.micro_batch, on_128.accum_steps, on_128.split_error) == (128, 4, "")
+    # on 256 GPUs a derived accumulation would be 2, but the recipe says 4: the trainer refuses, so it does not fit
+    on_256 = plan(recipe, Cluster(gpus=256, gpu_mem_gib=80), Setting(), 32000)
+    with pytest.raises(ConfigError) as refused:
+        recipe.validate_world(256)
+    assert on_256.accum_steps is None and not on_256.fits and on_256.split_error == str(refused.value)
+    status, table, _ = run_cli("plan", H14_ZERO2, "train.accum_steps=4", "--gpus", "256", "--gpu-mem", "80")
+    assert status == 0 and f"x accum ? x 256 GPUs  ({refused.value})" in table
+    # a phase's own micro batch gets its own accumulation: the masked phase reduces gradients twice as often
+    recipe = load_recipe(H14_ZERO2, ["phases.0.micro_batch=64"])
+    per_phase = plan(recipe, Cluster(gpus=128, gpu_mem_gib=80), Setting(), 32000)
+    assert (per_phase.micro_batch, per_phase.accum_steps) == (64, 8)
+    masked, tuning = (ph.bytes_sent["gradient reduce-scatter"] for ph in per_phase.clock.phases)
+    assert masked == pytest.approx(2 * tuning)
 
 
 def test_the_published_runs_behind_the_default_mfu_range():

@@ -6,7 +6,7 @@ import torch
 
 from flip_ds.bench.cases import synchronize, timed
 from flip_ds.bench.footprint import current_and_peak, held_bytes, reset_peak
-from flip_ds.bench.synthetic import synthetic_batch
+from flip_ds.bench.random_batch import random_batch
 from flip_ds.config import BatchSplit, Recipe, TrainConfig
 from flip_ds.data.tokenizer import EOS_ID, PAD_ID
 from flip_ds.engine import initialize, set_lr
@@ -50,8 +50,8 @@ class FlipEngine:
         return f"zero{self.stage} {self.precision}"
 
     def batch_of(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return synthetic_batch(batch, self.model_cfg.resolved_image_size, self.model_cfg.context_length,
-                               self.vocab_size, seed=self.rank, device=self.device, dtype=self.dtype)
+        return random_batch(batch, self.model_cfg.resolved_image_size, self.model_cfg.context_length,
+                            self.vocab_size, seed=self.rank, device=self.device, dtype=self.dtype)
 
     def use_attention_for(self, mask: float) -> None:
         """The attention path a training phase at image mask `mask` runs (as the trainer sets it)."""

@@ -25,10 +25,6 @@ def _status_bytes(field: str) -> int:
     return int(match.group(1)) * 1024
 
 
-def cpu_peak_supported() -> bool:
-    return PROC_STATUS.is_file() and CLEAR_REFS.exists()
-
-
 def held_bytes(device: str) -> int:
     """Bytes of tensors alive now (storages shared by several views counted once)."""
     if device == "cuda":

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import logging
 import os
 import platform
 import sys
-import warnings
 from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any
@@ -22,7 +20,7 @@ from flip_ds.bench.peak import MatmulPeak
 from flip_ds.bench.table import Row, fill_mask_ratios, fill_throughput, largest_batch, peer_summary, text_tower_summary
 from flip_ds.bench.text_case import TextTowerCase, text_tower
 from flip_ds.config_loader import ConfigError, check
-from flip_ds.distributed import detect_dist_env, init_distributed, max_over_ranks, shutdown
+from flip_ds.distributed import detect_dist_env, init_distributed, max_over_ranks, quiet_deepspeed, shutdown
 from flip_ds.models.config import REGISTRY, ModelConfig
 from flip_ds.precision import PRECISIONS, resolve_on_all_ranks
 
@@ -96,10 +94,7 @@ def run_bench(spec: BenchSpec) -> BenchResult | None:
     """Measure `spec` on however many ranks the launcher started; rank 0 returns the result, the others None."""
     spec.validate()
     denv = detect_dist_env()
-    # DeepSpeed's ZeRO still calls collectives that torch 2.13+ deprecates, on every step
-    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)`",
-                            category=FutureWarning)
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its per-engine INFO lines would bury the table
+    quiet_deepspeed(info_logs=False)  # its per-engine INFO lines would bury the table
     device = init_distributed(denv)
     try:
         result = _measure(_resolved(spec, device), denv.world_size, denv.local_world_size, device)

@@ -109,8 +109,8 @@ def format_plan(p: Plan) -> str:
             f"model {p.model}: {p.params / 1e6:.1f} M parameters (largest layer {p.largest_layer_params / 1e6:.1f} M, "
             f"vocab {p.vocab_size})",
             f"global batch {p.global_batch} = micro {p.micro_batch} x accum "
-            f"{p.accum_steps if p.accum_steps else '?'} x {c.gpus} GPUs"
-            + ("" if p.accum_steps else f"  (micro batch does not divide {p.rows} per GPU)"),
+            f"{p.accum_steps or '?'} x {c.gpus} GPUs"
+            + (f"  ({p.split_error})" if p.split_error else ""),
             ""]
     label_width = 40
     names = [f"{ph.name} (mask {ph.mask_ratio:g})" for ph in p.phases]

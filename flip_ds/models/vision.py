@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-from timm.layers import resample_abs_pos_embed
 from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 from torch.utils.checkpoint import checkpoint
@@ -62,12 +61,7 @@ class MaskedViT(VisionTransformer):
     def forward(self, images: torch.Tensor, mask_ratio: float = 0.0,
                 generator: torch.Generator | None = None) -> torch.Tensor:
         """Pooled features (N, width) of `images` with `mask_ratio` of the patches dropped."""
-        x = self.patch_embed(images)
-        pos = self.pos_embed
-        if pos.shape[1] != x.shape[1]:  # another resolution than built for (e.g. eval at 256 px)
-            pos = resample_abs_pos_embed(pos, new_size=self.patch_embed.dynamic_feat_size(images.shape[-2:]),
-                                         num_prefix_tokens=0)
-        x = x + pos
+        x = self.patch_embed(images) + self.pos_embed  # timm's PatchEmbed refuses other sizes than built for
         if mask_ratio > 0.0:
             x = random_masking(x, mask_ratio, generator)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)

@@ -1,4 +1,4 @@
-"""In-memory synthetic batches: the benchmark measures the model and engine, not the data pipeline."""
+"""Random in-memory batches: the benchmark measures the model and engine, not the data pipeline."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from flip_ds.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 FIRST_WORD_ID = 4  # ids below are PAD, UNK, BOS, EOS
 
 
-def synthetic_batch(batch: int, image_size: int, context_length: int, vocab_size: int, *, seed: int,
-                    device: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def random_batch(batch: int, image_size: int, context_length: int, vocab_size: int, *, seed: int,
+                 device: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Random normalised images and captions laid out as the tokenizer writes them
     (`BOS words EOS PAD...`, lengths varying per caption), generated on the host from `seed`."""
     generator = torch.Generator().manual_seed(seed)
