@@ -2,8 +2,10 @@
 or a preemption) set a flag; the train loop finishes its step, checkpoints and exits.
 
 The handler only records the request, so a second signal during the save changes nothing. Once a
-stop is requested the handler stays installed: SLURM follows its warning signal with SIGTERM, and
-one landing after the save, while the process shuts down, must not turn exit 75 into a kill.
+stop is requested, uninstalling leaves the stop signals ignored: the process is on its way out
+with status 75, and SLURM keeps signalling it (the sbatch template repeats USR1 until the step
+ends; SIGTERM may follow). A Python handler would not do, since interpreter shutdown puts the
+default action (termination) back for signals that have one; an ignored signal stays ignored.
 """
 
 from __future__ import annotations
@@ -23,11 +25,9 @@ class StopRequest:
             self._previous[signum] = signal.signal(signum, self._handle)
 
     def uninstall(self) -> None:
-        """Restore the previous handlers, unless a stop was requested (see the module note)."""
-        if self.requested:
-            return
+        """Restore the previous handlers; after a stop request, ignore the stop signals instead."""
         for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
+            signal.signal(signum, signal.SIG_IGN if self.requested else handler)
         self._previous.clear()
 
     def _handle(self, signum: int, _frame) -> None:

@@ -1,5 +1,9 @@
-"""The stop request outlives the train loop: a SIGTERM after the save leaves the exit code alone."""
+"""The stop request outlives the train loop: stop signals after the save, even during interpreter
+shutdown, leave the exit code alone."""
 
+import contextlib
+import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -25,6 +29,31 @@ def test_a_sigterm_after_a_requested_stop_does_not_kill_the_exiting_process():
         sys.exit({EXIT_PREEMPTED} if stop.signum == signal.SIGUSR1 else 1)
     """)
     assert done.returncode == EXIT_PREEMPTED, done.stderr
+
+
+def test_signals_until_the_end_do_not_kill_the_exiting_process():
+    """SLURM's template repeats USR1 every 5 s until the step ends: one may land while Python shuts
+    down, when it gives the signals it handles their default action (termination) back. Here the
+    signals come as fast as they can until the process has exited."""
+    script = textwrap.dedent(f"""
+        import signal, sys, time
+        from flip_ds.signals import StopRequest
+        stop = StopRequest()
+        stop.install()
+        print("ready", flush=True)
+        while not stop.requested:
+            time.sleep(0.001)
+        stop.uninstall()  # the train loop's finally, after the save
+        sys.exit({EXIT_PREEMPTED})
+    """)
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline() == "ready\n"
+    sent = 0
+    while child.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child.pid, signal.SIGUSR1)
+            sent += 1
+    assert child.returncode == EXIT_PREEMPTED and sent > 1
 
 
 def test_without_a_request_uninstall_gives_sigterm_back_its_default():
