@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import sys
 import time
@@ -22,6 +23,7 @@ from flip_ds.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
 from flip_ds.data.transforms import denormalize, normalize
 from flip_ds.distributed import DistEnv, all_gather_object, all_reduce, detect_dist_env, init_distributed, shutdown
 from flip_ds.engine_config import validate_for_launch
+from flip_ds.log import setup_logging
 from flip_ds.metrics import CaptionRepeats, Stopwatch, TrainLogger, device_peak_tflops, format_eta, peak_memory_bytes
 from flip_ds.models.attention import AttentionPath, resolve_attention, use_attention
 from flip_ds.models.flip import build_model
@@ -31,6 +33,8 @@ from flip_ds.precision import Precision, resolve_on_all_ranks
 from flip_ds.schedule import PhasePlan, PhaseSpan
 from flip_ds.signals import StopRequest
 from flip_ds.step import contrastive_step, mask_seed
+
+log = logging.getLogger(__name__)
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by a signal after a complete checkpoint; requeue me
 # The recipe or the data is wrong, or the loss diverged: a rerun would fail the same way, so the
@@ -58,6 +62,7 @@ class TrainState:
 
 def train(recipe: Recipe) -> int:
     denv = detect_dist_env()
+    setup_logging(denv.rank, denv.world_size)
     splits = validate_for_launch(recipe, denv.world_size)
     distributed.quiet_deepspeed()
     _check_inputs(recipe)
@@ -142,7 +147,7 @@ class Trainer:
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
         cut = " or ".join(dict.fromkeys(f"{s.micro} x {s.accum} accum" for s in self.splits))
-        self.log(f"training {r.model.name} on {self.denv.world_size} rank(s) ({self.device}, {self.precision.name}): "
+        log.info(f"training {r.model.name} on {self.denv.world_size} rank(s) ({self.device}, {self.precision.name}): "
                  f"global batch {g} = {cut} x {self.denv.world_size}; "
                  f"{self.plan.total_steps} steps, {len(self.plan.spans)} phase(s)")
         try:
@@ -173,13 +178,13 @@ class Trainer:
                 if outcome.stop:
                     self.state.step, self.state.data = step, data_state
                     self._save(step)
-                    self.log(f"stopped by signal {self.stop.signum} at step {step}; checkpoint saved, "
+                    log.info(f"stopped by signal {self.stop.signum} at step {step}; checkpoint saved, "
                              f"exiting {EXIT_PREEMPTED} for a requeue")
                     return EXIT_PREEMPTED
                 nonfinite_in_row = nonfinite_in_row + 1 if outcome.nonfinite else 0
                 if outcome.nonfinite:
                     self.state.nonfinite_skipped += 1
-                    self.log(f"step {step}: non-finite loss, step skipped ({nonfinite_in_row} in a row)")
+                    log.info(f"step {step}: non-finite loss, step skipped ({nonfinite_in_row} in a row)")
                     if nonfinite_in_row >= r.train.max_nonfinite_steps:
                         raise NonFiniteError(f"{nonfinite_in_row} non-finite losses in a row at step {step}; "
                                              "lower the lr or check the data (train.max_nonfinite_steps)")
@@ -197,7 +202,7 @@ class Trainer:
                 self._save(self.plan.total_steps)
             if r.eval.at_end and r.eval.sets and not self._eval_due(self.plan.total_steps - 1):
                 self._evaluate(self.plan.total_steps)
-            self.log(f"done: {self.plan.total_steps * g} samples; checkpoints in {self.ckpt_root}")
+            log.info(f"done: {self.plan.total_steps * g} samples; checkpoints in {self.ckpt_root}")
             return 0
         finally:
             self.stop.uninstall()
@@ -213,7 +218,7 @@ class Trainer:
             raise ConfigError(f"init_from: '{source}' does not fit this recipe's model "
                               f"({self.recipe.model.name}, vocabulary {self.tokenizer.vocab_size}): "
                               f"{' '.join(str(e).split())[:300]}") from None
-        self.log(f"initialised from the weights of {ckpt.source} ({ckpt.meta.get('samples_seen', '?')} samples "
+        log.info(f"initialised from the weights of {ckpt.source} ({ckpt.meta.get('samples_seen', '?')} samples "
                  "seen there); a fresh schedule, optimizer and data stream")
 
     def _load(self, resume: tuple[Path, str], saved_world: int) -> TrainState:
@@ -223,7 +228,7 @@ class Trainer:
         client = ds_engine.load_checkpoint(self.engine, str(resume[0]), resume[1])
         saved = client["flip_ds"]
         samples = saved["step"] * self.recipe.train.global_batch
-        self.log(f"resumed from {resume[0] / resume[1]} at step {saved['step']} ({samples} samples)")
+        log.info(f"resumed from {resume[0] / resume[1]} at step {saved['step']} ({samples} samples)")
         changed = []
         if saved_world != self.denv.world_size:
             changed.append(f"world size changed from {saved_world} to {self.denv.world_size} ranks (weights and "
@@ -233,7 +238,7 @@ class Trainer:
                            f"{self.data_cfg.workers}")
         if any(distributed.any_rank(bool(changed))):  # every rank restarts its streams, or none does
             data_seed = int(np.random.SeedSequence([self.recipe.train.seed, samples]).generate_state(1)[0])
-            self.log(f"{'; '.join(changed) or 'another rank saw a change'}: the data streams start anew, seeded by "
+            log.info(f"{'; '.join(changed) or 'another rank saw a change'}: the data streams start anew, seeded by "
                      f"the {samples} samples seen (data seed {data_seed}), so the sample order differs from an "
                      "uninterrupted run's")
             return TrainState(**{**saved, "data": None, "data_seed": data_seed})
@@ -241,9 +246,9 @@ class Trainer:
 
     def _choose_precision(self) -> Precision:
         precision = resolve_on_all_ranks(self.recipe.train.precision, self.device)
-        self.log(f"precision {precision.name} ({precision.reason})")
-        if precision.warning and self.rank == 0:
-            print(f"[flip-ds] warning: {precision.warning}", file=sys.stderr, flush=True)
+        log.info(f"precision {precision.name} ({precision.reason})")
+        if precision.warning and self.rank == 0:  # every rank measured the same: said once
+            log.warning(precision.warning)
         return precision
 
     def _micro_batches(self, batches, split: BatchSplit) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -285,7 +290,7 @@ class Trainer:
         if reset:
             ds_engine.reset_optimizer_state(self.engine)
         split = self.splits[span.index]
-        self.log(f"phase {span.index} '{span.phase.name}' starts at step {step} ({samples} samples): mask "
+        log.info(f"phase {span.index} '{span.phase.name}' starts at step {step} ({samples} samples): mask "
                  f"{span.phase.mask_ratio}, micro batch {split.micro} x {split.accum} accum, peak lr "
                  f"{span.peak_lr:.3g}, {span.steps} steps"
                  + (", optimizer state reset" if reset else ""))
@@ -323,10 +328,10 @@ class Trainer:
             scalars["perf/mfu"] = tflops / self.peak_tflops
         self.logger.scalars(scalars, samples)
         warning = self.duplicates.warning(duplicates)
-        if warning and self.rank == 0:
-            print(f"[flip-ds] warning: {warning}", file=sys.stderr, flush=True)
+        if warning and self.rank == 0:  # counts summed over ranks: said once
+            log.warning(warning)
         eta = (self.plan.total_steps - step - 1) * g / max(per_s, 1e-9)
-        self.log(f"{span.phase.name} | step {step + 1}/{self.plan.total_steps} | samples {samples} "
+        log.info(f"{span.phase.name} | step {step + 1}/{self.plan.total_steps} | samples {samples} "
                  f"({100 * samples / (self.plan.total_steps * g):.1f}%) | loss {outcome.loss:.4f} | lr {lr:.3g} | "
                  f"tau {outcome.temperature:.4f} | {per_s:.1f} samples/s | ETA {format_eta(eta)}")
 
@@ -375,7 +380,7 @@ class Trainer:
         milestones = {checkpoint.tag_for(-(-m // g)) for m in self.recipe.checkpoint.milestones}
         if self.rank == 0:
             checkpoint.prune(self.ckpt_root, self.recipe.checkpoint.keep_last, milestones)
-        self.log(f"checkpoint {path} ({step * g} samples)")
+        log.info(f"checkpoint {path} ({step * g} samples)")
 
     def _evaluate(self, steps_done: int) -> None:
         from flip_ds.evaluation.runner import evaluate
@@ -393,8 +398,5 @@ class Trainer:
             for k, v in metrics.items():
                 best[k] = max(v, best.get(k, v))
         self.state.eval["latest"] = {"samples": samples, **results}
-        self.log(f"eval at {samples} samples: {json.dumps(results)}")
+        log.info(f"eval at {samples} samples: {json.dumps(results)}")
 
-    def log(self, message: str) -> None:
-        if self.rank == 0:
-            print(f"[flip-ds] {message}", flush=True)

@@ -329,7 +329,7 @@ def test_plain_sbatch_of_a_recipe_that_cannot_run_stops_before_srun(demo_shards,
     assert (info["JobState"], info["ExitCode"]) == ("FAILED", "2:0"), info
     log = job.text()
     assert "train.global_batch: 24 is not a multiple of micro_batch 8 x world size 2" in log
-    assert "does not run on 2 ranks" in log and "[flip-ds] training" not in log
+    assert "does not run on 2 ranks" in log and "] training " not in log
 
 
 def test_a_recipe_that_cannot_run_fails_at_submission_and_queues_nothing(demo_shards, tmp_path):

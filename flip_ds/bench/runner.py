@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import logging
 import os
 import platform
 import sys
@@ -21,10 +22,12 @@ from flip_ds.bench.table import Row, fill_mask_ratios, fill_throughput, largest_
 from flip_ds.bench.text_case import TextTowerCase, text_tower
 from flip_ds.config_loader import ConfigError, check
 from flip_ds.distributed import detect_dist_env, init_distributed, max_over_ranks, quiet_deepspeed, shutdown
+from flip_ds.log import setup_logging
 from flip_ds.models.config import REGISTRY, ModelConfig
 from flip_ds.precision import PRECISIONS, resolve_on_all_ranks
 
 GiB = 2**30
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -94,6 +97,7 @@ def run_bench(spec: BenchSpec) -> BenchResult | None:
     """Measure `spec` on however many ranks the launcher started; rank 0 returns the result, the others None."""
     spec.validate()
     denv = detect_dist_env()
+    setup_logging(denv.rank, denv.world_size, progress=sys.stderr)  # stdout holds the table
     quiet_deepspeed(info_logs=False)  # its per-engine INFO lines would bury the table
     device = init_distributed(denv)
     try:
@@ -109,18 +113,13 @@ def _resolved(spec: BenchSpec, device: str) -> BenchSpec:
     def resolve(values: list[str]) -> list[str]:
         chosen = [resolve_on_all_ranks(p, device) for p in values]
         for requested, precision in zip(values, chosen):
-            _log(f"precision {requested} -> {precision.name} ({precision.reason})")
+            log.info(f"precision {requested} -> {precision.name} ({precision.reason})")
             if precision.warning:
-                _log(f"warning: {precision.warning}")
+                log.warning(precision.warning)
         return list(dict.fromkeys(p.name for p in chosen))
 
     return dataclasses.replace(spec, precisions=resolve(spec.precisions),
                                peer_precisions=resolve(spec.peer_precisions) if spec.peer_precisions else None)
-
-
-def _log(message: str) -> None:
-    if distributed.rank() == 0:
-        print(f"[bench] {message}", file=sys.stderr, flush=True)
 
 
 def _node_threads() -> int:
@@ -134,7 +133,7 @@ def _measure(spec: BenchSpec, world: int, local_world: int, device: str) -> Benc
     engines = []
     for stage in spec.stages:
         for precision in spec.precisions:
-            _log(f"building {spec.model} under ZeRO-{stage} {precision}, batch {spec.batch} per rank x {world}")
+            log.info(f"building {spec.model} under ZeRO-{stage} {precision}, batch {spec.batch} per rank x {world}")
             engines.append(FlipEngine(cfg, spec.vocab_size, stage=stage, precision=precision, batch=spec.batch,
                                       rank=distributed.rank(), world_size=world,
                                       device=device))
@@ -143,7 +142,7 @@ def _measure(spec: BenchSpec, world: int, local_world: int, device: str) -> Benc
     if spec.peer:
         from flip_ds.bench.openclip_peer import OpenClipStepCase, OpenClipTrainer
 
-        _log(f"building OpenCLIP's {spec.model} twin on rank 0 with {_node_threads()} threads")
+        log.info(f"building OpenCLIP's {spec.model} twin on rank 0 with {_node_threads()} threads")
         trainer = OpenClipTrainer(cfg, spec.vocab_size, (engines[0].images, engines[0].tokens), device,
                                   threads=_node_threads() if device == "cpu" else torch.get_num_threads())
         peer_cases = [OpenClipStepCase(trainer, p, m) for p in spec.peer_precisions or spec.precisions
@@ -151,8 +150,8 @@ def _measure(spec: BenchSpec, world: int, local_world: int, device: str) -> Benc
     text_cases = [TextTowerCase(text_tower(cfg, spec.vocab_size, p, device), engines[0].tokens, p, m, device)
                   for p in spec.precisions for m in spec.text_masks]
     cases = [*peaks.values(), *flip_cases, *peer_cases, *text_cases]
-    _log(f"{len(cases)} cases x {spec.rounds} rounds x {spec.steps} steps, interleaved")
-    samples = interleave(cases, spec.rounds, spec.steps, spec.warmup, progress=_log)
+    log.info(f"{len(cases)} cases x {spec.rounds} rounds x {spec.steps} steps, interleaved")
+    samples = interleave(cases, spec.rounds, spec.steps, spec.warmup, progress=log.info)
     peak_per_rank = {p: peak.tflops(median(samples[peak.name])) for p, peak in peaks.items()}
     # OpenCLIP runs as one process: on a CPU it has the whole node, on a GPU one device
     peer_devices = local_world if device == "cpu" else 1
@@ -197,7 +196,7 @@ def _largest_batches(spec: BenchSpec, engine: FlipEngine) -> list[dict[str, Any]
                           f"({held / GiB:.2f} GB per rank)")
     entries = []
     for mask in sorted(spec.masks):
-        _log(f"largest batch under {budget / GiB:.2f} GB per rank at mask {mask:g}")
+        log.info(f"largest batch under {budget / GiB:.2f} GB per rank at mask {mask:g}")
         # the first two probes, a quarter and a half of --batch, stay under the budget: no
         # measurement far above what fits (a CPU host has nothing that stops an oversized step)
         batch = largest_batch(lambda b, m=mask: activations(b, m), budget - held, max(1, spec.batch // 4))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 from collections.abc import Iterator
@@ -134,14 +135,16 @@ def _open_session(args: argparse.Namespace) -> Session:
     from flip_ds.checkpoint import build_from, read_checkpoint
     from flip_ds.config_loader import UsageError, check
     from flip_ds.distributed import detect_dist_env, init_for_inference
+    from flip_ds.log import setup_logging
     from flip_ds.precision import resolve_on_all_ranks
 
     started = time.perf_counter()
     denv = detect_dist_env()
+    setup_logging(denv.rank, denv.world_size, progress=sys.stderr)  # stdout holds the results
     device = init_for_inference(denv)
     precision = resolve_on_all_ranks(args.precision, device.type)
-    if precision.warning and denv.rank == 0:
-        print(f"flip-ds: warning: {precision.warning}", file=sys.stderr)
+    if precision.warning and denv.rank == 0:  # every rank measured the same: said once
+        logging.getLogger(__name__).warning(precision.warning)
     ckpt = read_checkpoint(args.checkpoint)
     model, tokenizer = build_from(ckpt, device)
     image_size = args.image_size or ckpt.recipe.model.resolved_image_size

@@ -7,7 +7,7 @@ makes the same forward calls (see features.py).
 
 from __future__ import annotations
 
-import sys
+import logging
 
 import torch
 
@@ -18,6 +18,8 @@ from flip_ds.evaluation.features import Shard
 from flip_ds.evaluation.prompts import load_classnames, load_templates
 from flip_ds.evaluation.retrieval import evaluate_retrieval
 from flip_ds.evaluation.zero_shot import evaluate_zero_shot
+
+log = logging.getLogger(__name__)
 
 
 def check_sets(sets: list[EvalSet]) -> None:
@@ -49,8 +51,7 @@ def evaluate(model: torch.nn.Module, sets: list[EvalSet], tokenizer: Tokenizer, 
             else:
                 result = evaluate_retrieval(model, tokenizer, read_retrieval_set(s.path, s.image_root), **common)
             if result.skipped_images and Shard.current().rank == 0:
-                print(f"[flip-ds] eval {s.name}: skipped {result.skipped_images} unreadable image(s)",
-                      file=sys.stderr)
+                log.warning(f"eval {s.name}: skipped {result.skipped_images} unreadable image(s)")
             results[s.name] = result.metrics
     finally:
         model.train(was_training)
