@@ -190,3 +190,8 @@ def check(condition: bool, message: str, error: type[UsageError] = ConfigError) 
     flags (UsageError) are validated with."""
     if not condition:
         raise error(message)
+
+
+def check_flag(condition: bool, message: str) -> None:
+    """Raise UsageError(message) unless `condition`: for command-line flags, which are not a recipe."""
+    check(condition, message, UsageError)

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from flip_ds.config import BatchSplit, Recipe
-from flip_ds.config_loader import ConfigError, check
+from flip_ds.config_loader import ConfigError, check, check_flag
 from flip_ds.cost import Clock, Setting, clock
 from flip_ds.engine_config import load_engine_json
 from flip_ds.models.config import ModelConfig
@@ -41,10 +41,10 @@ class Cluster:
     reserve_gib: float = 4.0  # CUDA context, NCCL buffers, allocator fragmentation
 
     def validate(self) -> None:
-        check(self.gpus >= 1, f"--gpus: {self.gpus} must be >= 1")
-        check(self.gpus_per_node >= 1, f"--gpus-per-node: {self.gpus_per_node} must be >= 1")
-        check(self.gpu_mem_gib > 0, f"--gpu-mem: {self.gpu_mem_gib} must be > 0")
-        check(self.reserve_gib >= 0, f"--reserve: {self.reserve_gib} must be >= 0")
+        check_flag(self.gpus >= 1, f"--gpus: {self.gpus} must be >= 1")
+        check_flag(self.gpus_per_node >= 1, f"--gpus-per-node: {self.gpus_per_node} must be >= 1")
+        check_flag(self.gpu_mem_gib > 0, f"--gpu-mem: {self.gpu_mem_gib} must be > 0")
+        check_flag(self.reserve_gib >= 0, f"--reserve: {self.reserve_gib} must be >= 0")
 
     @property
     def nodes(self) -> int:

@@ -16,7 +16,7 @@ from PIL import Image
 
 from flip_ds.cli import main
 from flip_ds.config import load_recipe
-from flip_ds.config_loader import ConfigError
+from flip_ds.config_loader import UsageError
 from flip_ds.cost import Setting
 from flip_ds.data.make_shards import read_captions, write_shards
 from flip_ds.data.reader import ShardReader
@@ -149,11 +149,11 @@ def test_make_shards_refuses_bad_input(tmp_path, capsys):
     (tmp_path / "c.csv").write_text("filename,label\nx.jpg,y\n")
     assert main(["make-shards", "--captions", str(tmp_path / "c.csv"), "--out", str(tmp_path / "o")]) == 2
     assert "needs a path column" in capsys.readouterr().err
-    with pytest.raises(ConfigError, match="no column 'url'"):
+    with pytest.raises(UsageError, match="no column 'url'"):
         read_captions(str(tmp_path / "c.csv"), ".", path_column="url")
     (tmp_path / "o").mkdir()
     (tmp_path / "o" / "00000.tar").write_bytes(b"")
-    with pytest.raises(ConfigError, match="already holds shards"):
+    with pytest.raises(UsageError, match="already holds shards"):
         write_shards([], str(tmp_path / "o"))
 
 
@@ -271,7 +271,7 @@ def test_demo_data_is_deterministic_and_idempotent(tmp_path, capsys):
     stamp = (tmp_path / "a" / "train" / "00000.tar").stat().st_mtime_ns
     assert make_demo_dataset(str(tmp_path / "a"), **small) == a
     assert (tmp_path / "a" / "train" / "00000.tar").stat().st_mtime_ns == stamp  # complete: left as it is
-    with pytest.raises(ConfigError, match="other parameters"):
+    with pytest.raises(UsageError, match="other parameters"):
         make_demo_dataset(str(tmp_path / "a"), **{**small, "seed": 1})
 
 

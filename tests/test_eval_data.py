@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from flip_ds.config_loader import ConfigError, UsageError
+from flip_ds.config_loader import UsageError
 from flip_ds.data.reader import ShardReader, Skip, parse_sample
 from flip_ds.data.transforms import decode_image
 from flip_ds.evaluation.datasets import ImageDataset, eval_transform, read_image_folder, read_retrieval_set
@@ -68,10 +68,10 @@ def test_image_folder_counts_unreadable_images(tmp_path):
 
 
 def test_image_folder_errors(tmp_path):
-    with pytest.raises(ConfigError, match="does not exist"):
+    with pytest.raises(UsageError, match="does not exist"):
         read_image_folder(str(tmp_path / "missing"))
     (tmp_path / "empty_class").mkdir()
-    with pytest.raises(ConfigError, match="no images"):
+    with pytest.raises(UsageError, match="no images"):
         read_image_folder(str(tmp_path))
 
 
@@ -176,27 +176,27 @@ def test_eval_reads_shards_as_training_does(faulty_shards):
         assert valid and torch.equal(image, expected)
     assert unreadable == 9  # the corrupt JPEGs of the first four shards
 
-    with pytest.raises(ConfigError, match=r"retrieval shard '.*00004\.tar' cannot be read \(truncated_tar\)"):
+    with pytest.raises(UsageError, match=r"retrieval shard '.*00004\.tar' cannot be read \(truncated_tar\)"):
         read_retrieval_set(faulty_shards.shards[4])
-    with pytest.raises(ConfigError, match=r"retrieval shard '.*00005\.tar' cannot be read \(missing_shard\)"):
+    with pytest.raises(UsageError, match=r"retrieval shard '.*00005\.tar' cannot be read \(missing_shard\)"):
         read_retrieval_set(faulty_shards.shards[5])
 
 
 def test_retrieval_errors(tmp_path):
-    with pytest.raises(ConfigError, match="does not exist"):
+    with pytest.raises(UsageError, match="does not exist"):
         read_retrieval_set(str(tmp_path / "nope.jsonl"))
     (tmp_path / "bad.jsonl").write_text('{"image": "x.png"}\n')
-    with pytest.raises(ConfigError, match=r"needs a caption column \(one of caption, captions, text, title\); "
+    with pytest.raises(UsageError, match=r"needs a caption column \(one of caption, captions, text, title\); "
                                           r"it has \['image'\]"):
         read_retrieval_set(str(tmp_path / "bad.jsonl"))
     (tmp_path / "list.json").write_text('["x.png"]')
-    with pytest.raises(ConfigError, match="record 0: not an object"):
+    with pytest.raises(UsageError, match="record 0: not an object"):
         read_retrieval_set(str(tmp_path / "list.json"))
     (tmp_path / "bad.csv").write_text("filename,label\nx.png,hello\n")
-    with pytest.raises(ConfigError, match=r"needs a path column \(one of path, image, filepath, file\)"):
+    with pytest.raises(UsageError, match=r"needs a path column \(one of path, image, filepath, file\)"):
         read_retrieval_set(str(tmp_path / "bad.csv"))
     (tmp_path / "junk.tar").write_bytes(b"this is not a tar archive" * 40)
-    with pytest.raises(ConfigError, match="cannot be read"):
+    with pytest.raises(UsageError, match="cannot be read"):
         read_retrieval_set(str(tmp_path / "junk.tar"))
 
 
@@ -209,5 +209,5 @@ def test_check_sets_fails_at_start_up_on_a_bad_set(tmp_path):
     check_sets([good])
     with pytest.raises(UsageError, match="has 1000 names but the image folder has 1 classes"):
         check_sets([good, EvalSet(name="in1k", kind="zero_shot", path=str(tmp_path / "zs"), classnames="imagenet1k")])
-    with pytest.raises(ConfigError, match="does not exist"):
+    with pytest.raises(UsageError, match="does not exist"):
         check_sets([EvalSet(name="rt", kind="retrieval", path=str(tmp_path / "nope.jsonl"))])

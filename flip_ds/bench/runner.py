@@ -20,7 +20,7 @@ from flip_ds.bench.flip_case import FlipEngine, FlipStepCase
 from flip_ds.bench.peak import MatmulPeak
 from flip_ds.bench.table import Row, fill_mask_ratios, fill_throughput, largest_batch, peer_summary, text_tower_summary
 from flip_ds.bench.text_case import TextTowerCase, text_tower
-from flip_ds.config_loader import ConfigError, check
+from flip_ds.config_loader import UsageError, check_flag
 from flip_ds.distributed import detect_dist_env, init_distributed, max_over_ranks, quiet_deepspeed, shutdown
 from flip_ds.log import setup_logging
 from flip_ds.models.config import REGISTRY, ModelConfig
@@ -50,25 +50,29 @@ class BenchSpec:
     activation_checkpointing: bool = False  # neither stack recomputes by default; equal work
 
     def validate(self) -> None:
-        check(self.model in REGISTRY, f"--model: '{self.model}' is not a model; choose one of {', '.join(REGISTRY)}")
-        check(self.batch > 0, f"--batch: {self.batch} must be > 0")
-        check(bool(self.masks) and all(0.0 <= m < 1.0 for m in self.masks), f"--masks: {self.masks} must be in [0, 1)")
-        check(all(0.0 <= m < 1.0 for m in self.text_masks), f"--text-masks: {self.text_masks} must be in [0, 1)")
+        check_flag(self.model in REGISTRY,
+                   f"--model: '{self.model}' is not a model; choose one of {', '.join(REGISTRY)}")
+        check_flag(self.batch > 0, f"--batch: {self.batch} must be > 0")
+        check_flag(bool(self.masks) and all(0.0 <= m < 1.0 for m in self.masks),
+                   f"--masks: {self.masks} must be in [0, 1)")
+        check_flag(all(0.0 <= m < 1.0 for m in self.text_masks), f"--text-masks: {self.text_masks} must be in [0, 1)")
         for name, values in (("--precision", self.precisions), ("--peer-precision", self.peer_precisions or ["auto"])):
-            check(bool(values) and all(p in PRECISIONS for p in values), f"{name}: {values}: {', '.join(PRECISIONS)}")
-        check(all(s in (1, 2, 3) for s in self.stages), f"--zero: {self.stages}: ZeRO stages are 1, 2 or 3")
-        check(self.steps >= 1 and self.rounds >= 1 and self.warmup >= 0,
+            check_flag(bool(values) and all(p in PRECISIONS for p in values),
+                       f"{name}: {values}: {', '.join(PRECISIONS)}")
+        check_flag(all(s in (1, 2, 3) for s in self.stages), f"--zero: {self.stages}: ZeRO stages are 1, 2 or 3")
+        check_flag(self.steps >= 1 and self.rounds >= 1 and self.warmup >= 0,
               "--steps and --rounds must be >= 1, --warmup >= 0")
-        check(self.vocab_size > 4, f"--vocab-size: {self.vocab_size} must be > 4")
-        check(self.memory_budget_gb is None or self.memory_budget_gb > 0, "--memory-budget-gb must be > 0")
+        check_flag(self.vocab_size > 4, f"--vocab-size: {self.vocab_size} must be > 4")
+        check_flag(self.memory_budget_gb is None or self.memory_budget_gb > 0, "--memory-budget-gb must be > 0")
         if self.max_batch:
-            check(0.0 in self.masks, "--max-batch needs mask 0 in --masks (the largest batches are compared to it)")
+            check_flag(0.0 in self.masks,
+                       "--max-batch needs mask 0 in --masks (the largest batches are compared to it)")
         if self.peer:
             try:
                 import open_clip  # noqa: F401
                 import open_clip_train  # noqa: F401
             except ImportError:
-                raise ConfigError("--peer needs OpenCLIP: pip install 'flip-ds[bench]' (open-clip-torch)") from None
+                raise UsageError("--peer needs OpenCLIP: pip install 'flip-ds[bench]' (open-clip-torch)") from None
 
     @property
     def model_config(self) -> ModelConfig:
@@ -192,7 +196,7 @@ def _largest_batches(spec: BenchSpec, engine: FlipEngine) -> list[dict[str, Any]
     held = int(max_over_ranks([engine.held_bytes])[0])
     budget = (int(spec.memory_budget_gb * GiB) if spec.memory_budget_gb else held + activations(spec.batch, 0.0))
     if budget <= held:
-        raise ConfigError(f"--memory-budget-gb: {spec.memory_budget_gb} GB is below the engine's held state "
+        raise UsageError(f"--memory-budget-gb: {spec.memory_budget_gb} GB is below the engine's held state "
                           f"({held / GiB:.2f} GB per rank)")
     entries = []
     for mask in sorted(spec.masks):

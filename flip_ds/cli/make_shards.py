@@ -50,11 +50,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from flip_ds.config_loader import ConfigError
+    from flip_ds.config_loader import UsageError
     from flip_ds.data.make_shards import read_captions, read_class_tree, read_templates, write_shards
 
     if bool(args.captions) == bool(args.class_folders):
-        raise ConfigError("make-shards: give either --captions (with --images) or --class-folders")
+        raise UsageError("make-shards: give either --captions (with --images) or --class-folders")
     if args.captions:
         pairs = read_captions(args.captions, args.images, args.path_column, args.caption_column)
     else:

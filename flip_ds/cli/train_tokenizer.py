@@ -25,17 +25,17 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from flip_ds.config_loader import ConfigError
+    from flip_ds.config_loader import UsageError
     from flip_ds.data.tokenizer import TrainingCaptions, train_tokenizer
 
     if not args.shards and not args.captions:
-        raise ConfigError("train-tokenizer: give --shards SPEC and/or --captions FILE ...")
+        raise UsageError("train-tokenizer: give --shards SPEC and/or --captions FILE ...")
     captions = TrainingCaptions(args.captions, args.shards, args.max_captions)
     try:
         path = train_tokenizer(captions, args.out, vocab_size=args.vocab_size, lowercase=not args.no_lowercase,
                                character_coverage=args.character_coverage, max_sentences=args.max_captions)
-    except ConfigError as e:
-        raise ConfigError(f"train-tokenizer: {e}") from None
+    except UsageError as e:
+        raise UsageError(f"train-tokenizer: {e}") from None
     skipped = ", ".join(f"{k} {v}" for k, v in sorted(captions.skipped.items())) or "nothing"
     print(f"wrote {path} from {captions.read} captions; skipped: {skipped}")
     return 0

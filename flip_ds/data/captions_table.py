@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flip_ds.config_loader import ConfigError
+from flip_ds.config_loader import UsageError
 
 PATH_COLUMNS = ("path", "image", "filepath", "file")
 CAPTION_COLUMNS = ("caption", "captions", "text", "title")
@@ -42,10 +42,10 @@ def is_caption_table(name: str) -> bool:
 def read_caption_table(name: str, path_column: str | None = None,
                        caption_column: str | None = None) -> list[CaptionRow]:
     """The rows of a CSV/TSV, JSON/JSONL or parquet captions file; a file that cannot be read, or has
-    no usable path or caption column, is a one-line ConfigError naming it."""
+    no usable path or caption column, is a one-line UsageError naming it."""
     source = Path(name)
     if not source.is_file():
-        raise ConfigError(f"captions file '{name}' does not exist")
+        raise UsageError(f"captions file '{name}' does not exist")
     suffix = source.suffix.lower()
     if suffix in (".csv", ".tsv"):
         fields, rows = _read_csv(source)
@@ -54,7 +54,7 @@ def read_caption_table(name: str, path_column: str | None = None,
     elif suffix == ".parquet":
         fields, rows = _read_parquet(source)
     else:
-        raise ConfigError(f"captions file '{name}': unknown format '{suffix}' (use {', '.join(TABLE_SUFFIXES)})")
+        raise UsageError(f"captions file '{name}': unknown format '{suffix}' (use {', '.join(TABLE_SUFFIXES)})")
     path_col = _column(fields, path_column, PATH_COLUMNS, name, "path")
     caption_col = _column(fields, caption_column, CAPTION_COLUMNS, name, "caption")
     return [CaptionRow(_text(row.get(path_col)), _captions(row.get(caption_col))) for row in rows]
@@ -79,10 +79,10 @@ def _read_json(source: Path) -> tuple[list[str], list[dict[str, Any]]]:
         try:
             records = [json.loads(line) for line in text.splitlines() if line.strip()]
         except json.JSONDecodeError as e:
-            raise ConfigError(f"captions file '{source}' is neither JSON nor JSON lines: {e}") from None
+            raise UsageError(f"captions file '{source}' is neither JSON nor JSON lines: {e}") from None
     for i, record in enumerate(records):
         if not isinstance(record, dict):
-            raise ConfigError(f"captions file '{source}', record {i}: not an object with a path and a caption: "
+            raise UsageError(f"captions file '{source}', record {i}: not an object with a path and a caption: "
                               f"{str(record)[:120]}")
     return sorted({k for record in records for k in record}), records
 
@@ -91,7 +91,7 @@ def _read_parquet(source: Path) -> tuple[list[str], list[dict[str, Any]]]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise ConfigError("reading parquet needs pyarrow: pip install pyarrow") from None
+        raise UsageError("reading parquet needs pyarrow: pip install pyarrow") from None
     table = pq.read_table(source)
     return table.column_names, table.to_pylist()
 
@@ -99,11 +99,11 @@ def _read_parquet(source: Path) -> tuple[list[str], list[dict[str, Any]]]:
 def _column(fields: list[str], wanted: str | None, candidates: tuple[str, ...], source: str, what: str) -> str:
     if wanted:
         if wanted not in fields:
-            raise ConfigError(f"captions file '{source}' has no column '{wanted}'; it has {fields}")
+            raise UsageError(f"captions file '{source}' has no column '{wanted}'; it has {fields}")
         return wanted
     found = next((c for c in candidates if c in fields), None)
     if found is None:
-        raise ConfigError(f"captions file '{source}' needs a {what} column (one of {', '.join(candidates)}); "
+        raise UsageError(f"captions file '{source}' needs a {what} column (one of {', '.join(candidates)}); "
                           f"it has {fields}")
     return found
 

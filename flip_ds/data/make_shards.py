@@ -30,7 +30,7 @@ from PIL import Image
 from tqdm import tqdm
 from webdataset import ShardWriter
 
-from flip_ds.config_loader import ConfigError
+from flip_ds.config_loader import UsageError
 from flip_ds.data.captions_table import read_caption_table
 from flip_ds.data.reader import IMAGE_KEYS
 
@@ -77,7 +77,7 @@ def read_templates(templates: str) -> list[str]:
     lines = Path(templates).read_text(encoding="utf-8").splitlines() if os.path.isfile(templates) else [templates]
     lines = [t.strip() for t in lines if t.strip()]
     if not lines or any(t.count("{}") != 1 for t in lines):
-        raise ConfigError(f"templates '{templates}': every template needs exactly one {{}} for the class name")
+        raise UsageError(f"templates '{templates}': every template needs exactly one {{}} for the class name")
     return lines
 
 
@@ -89,15 +89,15 @@ def read_class_tree(root: str, templates: list[str], classnames: str | None = No
     """
     base = Path(root)
     if not base.is_dir():
-        raise ConfigError(f"class folder tree '{root}' does not exist")
+        raise UsageError(f"class folder tree '{root}' does not exist")
     classes = sorted(d.name for d in base.iterdir() if d.is_dir())
     if not classes:
-        raise ConfigError(f"class folder tree '{root}' has no class sub-folders")
+        raise UsageError(f"class folder tree '{root}' has no class sub-folders")
     names = [c.replace("_", " ") for c in classes]
     if classnames:
         names = [n.strip() for n in Path(classnames).read_text(encoding="utf-8").splitlines() if n.strip()]
         if len(names) != len(classes):
-            raise ConfigError(f"classnames '{classnames}' has {len(names)} names for {len(classes)} class folders")
+            raise UsageError(f"classnames '{classnames}' has {len(names)} names for {len(classes)} class folders")
     pairs = []
     for folder, name in zip(classes, names):
         for file in sorted((base / folder).rglob("*")):
@@ -155,15 +155,15 @@ def write_shards(pairs: list[Pair], out: str, samples_per_shard: int = 10000, ma
     `shuffle_seed` is None.
     """
     if samples_per_shard < 1:
-        raise ConfigError(f"samples per shard: {samples_per_shard} must be >= 1")
+        raise UsageError(f"samples per shard: {samples_per_shard} must be >= 1")
     if max_side < 0:
-        raise ConfigError(f"max side: {max_side} must be >= 0 (0 keeps the size)")
+        raise UsageError(f"max side: {max_side} must be >= 0 (0 keeps the size)")
     if shuffle_seed is not None and shuffle_seed < 0:
-        raise ConfigError(f"seed: {shuffle_seed} must be >= 0")
+        raise UsageError(f"seed: {shuffle_seed} must be >= 0")
     Path(out).mkdir(parents=True, exist_ok=True)
     stale = sorted(Path(out).glob("*.tar"))
     if stale:
-        raise ConfigError(f"output directory '{out}' already holds shards ({stale[0].name}, ...); use an empty one")
+        raise UsageError(f"output directory '{out}' already holds shards ({stale[0].name}, ...); use an empty one")
     if shuffle_seed is not None:
         pairs = shuffle_pairs(pairs, shuffle_seed)
     digits = len(str(samples_per_shard - 1))

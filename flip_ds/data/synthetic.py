@@ -37,7 +37,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from webdataset import ShardWriter
 
-from flip_ds.config_loader import ConfigError
+from flip_ds.config_loader import UsageError
 from flip_ds.data.tokenizer import train_tokenizer
 
 COLOURS = {"red": (215, 40, 40), "green": (40, 165, 60), "blue": (45, 85, 220), "yellow": (235, 205, 35),
@@ -233,9 +233,9 @@ def make_demo_dataset(out: str, train_samples: int = 6000, eval_per_class: int =
     """Write the built-in dataset under `out` (see the module doc); a complete one with the same
     parameters is left as it is, one with other parameters is an error."""
     if train_samples < 1 or eval_per_class < 1 or samples_per_shard < 1 or retrieval_images < 1:
-        raise ConfigError("demo data: sample counts must be >= 1")
+        raise UsageError("demo data: sample counts must be >= 1")
     if image_size < 16:
-        raise ConfigError(f"demo data: image size {image_size} is below 16 pixels")
+        raise UsageError(f"demo data: image size {image_size} is below 16 pixels")
     root = Path(out)
     params = {"train_samples": train_samples, "eval_per_class": eval_per_class, "image_size": image_size,
               "samples_per_shard": samples_per_shard, "retrieval_images": retrieval_images,
@@ -248,7 +248,7 @@ def make_demo_dataset(out: str, train_samples: int = 6000, eval_per_class: int =
                     retrieval=str(root / "eval" / "retrieval.jsonl"), train_samples=train_samples)
     if manifest.is_file():
         if json.loads(manifest.read_text()) != params:
-            raise ConfigError(f"demo data: '{out}' holds a demo dataset made with other parameters "
+            raise UsageError(f"demo data: '{out}' holds a demo dataset made with other parameters "
                               f"({manifest.read_text().strip()}); choose another directory or delete it")
         return data
     captions = _write_train(root, train_samples, samples_per_shard, image_size, seed)

@@ -11,7 +11,7 @@ from itertools import chain, islice
 import numpy as np
 import sentencepiece as spm
 
-from flip_ds.config_loader import ConfigError
+from flip_ds.config_loader import UsageError
 from flip_ds.data.reader import ShardReader, Skip, parse_caption
 from flip_ds.data.shards import list_shards
 
@@ -58,7 +58,7 @@ class TrainingCaptions:
     """Captions to train a tokenizer on: text files (one caption a line), then the captions of a shard
     spec read as the training stream reads them, at most `limit` in all.
 
-    The sources are checked when it is made (an unreadable file, a spec matching no file: ConfigError).
+    The sources are checked when it is made (an unreadable file, a spec matching no file: UsageError).
     While it is read, `read` counts the captions handed out and `skipped` the bad samples and shards
     of the spec by cause (faults.py), so a partly broken dataset still trains a tokenizer and says so.
     """
@@ -68,7 +68,7 @@ class TrainingCaptions:
             try:
                 open(name, "rb").close()
             except OSError as e:
-                raise ConfigError(f"captions file '{name}' cannot be read: {e.strerror}") from None
+                raise UsageError(f"captions file '{name}' cannot be read: {e.strerror}") from None
         self.files = files
         self.shards = list_shards(shards) if shards else []
         self.limit = limit
@@ -98,32 +98,32 @@ class TrainingCaptions:
 
 
 def check_training_settings(vocab_size: int, character_coverage: float) -> None:
-    """What SentencePiece would refuse with a bare assertion, as a ConfigError naming the setting."""
+    """What SentencePiece would refuse with a bare assertion, as a UsageError naming the setting."""
     if vocab_size <= SPECIAL_PIECES:
-        raise ConfigError(f"vocab size {vocab_size} leaves no room for text: it must exceed the "
+        raise UsageError(f"vocab size {vocab_size} leaves no room for text: it must exceed the "
                           f"{SPECIAL_PIECES} special pieces (pad, unk, bos, eos) plus the captions' characters")
     if not MIN_CHARACTER_COVERAGE <= character_coverage <= 1.0:
-        raise ConfigError(f"character coverage {character_coverage} is outside SentencePiece's range "
+        raise UsageError(f"character coverage {character_coverage} is outside SentencePiece's range "
                           f"[{MIN_CHARACTER_COVERAGE}, 1]")
 
 
 def _training_error(error: RuntimeError, vocab_size: int, character_coverage: float,
-                    sentences: int) -> ConfigError | None:
+                    sentences: int) -> UsageError | None:
     """SentencePiece's refusal of the input as one line that says what to change; None for an
     error that is not one of its checks (a fault of the caption source, say), which stays as it is."""
     if not str(error).lstrip().upper().startswith("INTERNAL:"):  # how SentencePiece words a failed check
         return None
     if sentences == 0:
-        return ConfigError("no captions to train on: none was read, or every one was empty")
+        return UsageError("no captions to train on: none was read, or every one was empty")
     too_small = _TOO_SMALL.search(str(error))
     if too_small:
         needed = int(too_small.group(2))
-        return ConfigError(f"vocab size {vocab_size} is too small for these captions: their "
+        return UsageError(f"vocab size {vocab_size} is too small for these captions: their "
                            f"{needed - SPECIAL_PIECES} distinct characters (at character coverage "
                            f"{character_coverage:g}) and the {SPECIAL_PIECES} special pieces need {needed} pieces; "
                            f"use a vocab size of at least {needed} (thousands for real captions) or a lower "
                            "character coverage")
-    return ConfigError(f"SentencePiece cannot train on these captions: {' '.join(str(error).split())}")
+    return UsageError(f"SentencePiece cannot train on these captions: {' '.join(str(error).split())}")
 
 
 def train_tokenizer(captions: Iterable[str], model_prefix: str, vocab_size: int = 32000,
@@ -132,7 +132,7 @@ def train_tokenizer(captions: Iterable[str], model_prefix: str, vocab_size: int 
     """Train a unigram SentencePiece model on `captions`; returns the path of the .model file.
 
     Settings or captions SentencePiece cannot train with (a vocabulary smaller than the captions'
-    characters, no captions) raise ConfigError with a one-line reason.
+    characters, no captions) raise UsageError with a one-line reason.
     """
     check_training_settings(vocab_size, character_coverage)
     given = [0]

@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 from timm.data import create_transform
 
-from flip_ds.config_loader import ConfigError
+from flip_ds.config_loader import UsageError
 from flip_ds.data.captions_table import CaptionRow, is_caption_table, read_caption_table, record_captions
 from flip_ds.data.reader import ShardReader, Skip, parse_caption, parse_image
 from flip_ds.data.shards import expand_spec
@@ -101,13 +101,13 @@ def read_image_folder(root: str) -> ClassificationSet:
     from torchvision.datasets import ImageFolder
 
     if not Path(root).is_dir():
-        raise ConfigError(f"image folder '{root}' does not exist or is not a directory")
+        raise UsageError(f"image folder '{root}' does not exist or is not a directory")
     try:
         folder = ImageFolder(root, allow_empty=True)
     except FileNotFoundError as e:
-        raise ConfigError(f"image folder '{root}': {e}") from None
+        raise UsageError(f"image folder '{root}': {e}") from None
     if not folder.samples:
-        raise ConfigError(f"image folder '{root}' has no images in class sub-folders")
+        raise UsageError(f"image folder '{root}' has no images in class sub-folders")
     return ClassificationSet(images=[p for p, _ in folder.samples], labels=[y for _, y in folder.samples],
                              classes=list(folder.classes))
 
@@ -135,7 +135,7 @@ def _group(rows: list[CaptionRow], root: Path, spec: str) -> RetrievalSet:
                 captions.append(c)
                 owner.append(index[row.path])
     if not images or not captions:
-        raise ConfigError(f"retrieval set '{spec}' has no image with a caption")
+        raise UsageError(f"retrieval set '{spec}' has no image with a caption")
     return RetrievalSet(images=images, captions=captions, caption_image=owner, sources=[spec])
 
 
@@ -156,9 +156,9 @@ def _read_shards(spec: str) -> RetrievalSet:
             captions.extend(caps)
             images.append(ShardImage(url, raw["__key__"], image))
         if reader.fault not in _HARMLESS_SHARD_FAULTS:  # a set with a hole would give numbers of another set
-            raise ConfigError(f"retrieval shard '{url}' cannot be read ({reader.fault})")
+            raise UsageError(f"retrieval shard '{url}' cannot be read ({reader.fault})")
     if not images:
-        raise ConfigError(f"retrieval shards '{spec}' hold no sample with an image and a caption "
+        raise UsageError(f"retrieval shards '{spec}' hold no sample with an image and a caption "
                           f"({len(shards)} shard(s), {skipped} incomplete sample(s))")
     return RetrievalSet(images=images, captions=captions, caption_image=owner, skipped_samples=skipped,
                         sources=shards)
