@@ -163,8 +163,8 @@ def text_tower_summary(timings: list[tuple[str, float, float]], context_length: 
 
 
 def format_text_tower(rows: list[dict]) -> str:
-    lines = [f"{'precision':<9} {'text mask':>9} {'tokens':>6} {'fwd+bwd ms':>10} {'vs mask0':>8} {'tokens':>6}"]
+    lines = [f"{'precision':<9} {'text mask':>9} {'tokens':>6} {'fwd+bwd ms':>10} {'vs mask0':>8} {'x tokens':>8}"]
     for r in rows:
         lines.append(f"{r['precision']:<9} {r['text_mask']:>9g} {r['tokens']:>6} {r['ms']:>10.2f} "
-                     f"{_fmt(r['vs_text_mask0'], '8.3f'):>8} {r['tokens_ratio']:>6.3f}")
+                     f"{_fmt(r['vs_text_mask0'], '8.3f'):>8} {r['tokens_ratio']:>8.3f}")
     return "\n".join(lines)
