@@ -49,8 +49,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                           formatter_class=HelpFormatter)
     _common(rt)
     rt.add_argument("--data", required=True,
-                    help="CSV/TSV (image,caption), JSON or JSONL ({image, captions}) annotations, or shards")
+                    help="CSV/TSV (image,caption), JSON or JSONL ({image, captions}) annotations, a Karpathy-split "
+                         "JSON (dataset_flickr30k.json, dataset_coco.json), or shards")
     rt.add_argument("--image-root", default="", help="folder relative image paths start at (default: the file's)")
+    rt.add_argument("--split", default=None, choices=["test", "val", "train", "restval"],
+                    help="Karpathy-split JSON only: the split to evaluate (default: test)")
     rt.add_argument("--mask-ratio", type=float, default=0.0, help="drop this share of image patches (FLIP-style)")
     rt.set_defaults(func=run_retrieval)
 
@@ -202,7 +205,7 @@ def run_retrieval(args: argparse.Namespace) -> int:
     from flip_ds.evaluation.retrieval import evaluate_retrieval
 
     _check_args(args, args.mask_ratio)
-    data = read_retrieval_set(args.data, args.image_root)
+    data = read_retrieval_set(args.data, args.image_root, args.split or "")
     with _session(args) as s:
         t0 = time.perf_counter()
         r = evaluate_retrieval(s.model, s.tokenizer, data, mask_ratio=args.mask_ratio, seed=args.seed,
@@ -211,7 +214,8 @@ def run_retrieval(args: argparse.Namespace) -> int:
     if s.rank != 0:
         return 0
     result = s.report(args, "retrieval",
-                      {"path": args.data, "images": r.images, "captions": r.captions,
+                      {"path": args.data, **({"split": data.split} if data.split else {}),
+                       "images": r.images, "captions": r.captions,
                        "skipped_images": r.skipped_images, "skipped_samples": data.skipped_samples},
                       r.metrics, {"mask_ratio": args.mask_ratio, "seed": args.seed}, eval_s)
     m = r.metrics

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from flip_ds.config_loader import check
+from flip_ds.evaluation.karpathy import SPLITS
 
 
 @dataclass
@@ -16,6 +17,7 @@ class EvalSet:
     classnames: str = ""  # zero_shot: 'imagenet1k', a text file of one class name per line, or "" (folder names)
     templates: str = "clip_short"  # zero_shot: 'clip80', 'clip_short' or a text file of templates with {}
     image_root: str = ""  # retrieval files: where relative image paths start ("" = the file's folder)
+    split: str = ""  # retrieval, Karpathy-split JSON only: test, val, train or restval ("" = test)
     batch_size: int = 256
     workers: int = 2  # image-decoding processes per rank
 
@@ -24,6 +26,8 @@ class EvalSet:
         check(self.path.strip() != "", f"{prefix}.path: must not be empty")
         check(self.batch_size > 0, f"{prefix}.batch_size: {self.batch_size} must be > 0")
         check(self.workers >= 0, f"{prefix}.workers: {self.workers} must be >= 0")
+        check(self.split in ("", *SPLITS), f"{prefix}.split: {self.split!r} is not one of {', '.join(SPLITS)}")
+        check(not self.split or self.kind == "retrieval", f"{prefix}.split: only retrieval sets have a split")
 
 
 @dataclass

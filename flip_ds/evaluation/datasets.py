@@ -5,6 +5,8 @@ Retrieval sets come as
     with its column names: CSV/TSV with one row per caption (OpenCLIP's format), JSON/JSONL records
     whose caption may be a list (the Karpathy-split annotation files of BLIP/LAVIS), or parquet; the
     rows of one image are grouped. Relative image paths start at `image_root`, or at the file's folder;
+  - a Karpathy-split JSON (`dataset_flickr30k.json`, `dataset_coco.json`; karpathy.py): one split of
+    it (the test split by default), its image paths under `image_root`;
   - webdataset shards (a spec, several joined with '::'), read by the training reader
     (flip_ds/data/reader.py): a sample's image is the one training would use, its captions the lines
     of KEY.txt (decoded as training decodes it) or else KEY.json's caption column.
@@ -31,6 +33,7 @@ from flip_ds.data.captions_table import CaptionRow, is_caption_table, read_capti
 from flip_ds.data.reader import ShardReader, Skip, parse_caption, parse_image
 from flip_ds.data.shards import expand_spec
 from flip_ds.data.transforms import CLIP_MEAN, CLIP_STD, decode_image
+from flip_ds.evaluation.karpathy import DEFAULT_SPLIT, check_images_exist, karpathy_rows, read_karpathy_json
 
 # A shard's fault that leaves its samples readable; any other fault makes the set unusable
 _HARMLESS_SHARD_FAULTS = (None, "empty_shard")
@@ -62,6 +65,7 @@ class RetrievalSet:
     caption_image: list[int]  # caption j describes images[caption_image[j]]
     skipped_samples: int = 0  # shard samples with an image but no caption, or the reverse
     sources: list[str] = field(default_factory=list)
+    split: str = ""  # the split read from a Karpathy-split JSON; "" for the other formats
 
 
 def eval_transform(image_size: int) -> Callable[[Image.Image], torch.Tensor]:
@@ -112,12 +116,28 @@ def read_image_folder(root: str) -> ClassificationSet:
                              classes=list(folder.classes))
 
 
-def read_retrieval_set(spec: str, image_root: str = "") -> RetrievalSet:
-    """A retrieval set from a captions file (CSV/TSV, JSON/JSONL, parquet) or from webdataset shards."""
+def read_retrieval_set(spec: str, image_root: str = "", split: str = "") -> RetrievalSet:
+    """A retrieval set from a Karpathy-split JSON (its `split`, "" = test), a captions file (CSV/TSV,
+    JSON/JSONL, parquet) or webdataset shards."""
+    root = Path(image_root) if image_root else Path(spec).parent
+    karpathy = read_karpathy_json(spec)
+    if karpathy is not None:
+        data = _group(karpathy_rows(karpathy, split, spec), root, spec)
+        data.split = split or DEFAULT_SPLIT
+        check_images_exist([str(p) for p in data.images], root, spec, data.split)
+        return data
+    if split:  # the other formats hold one set: a split asked of them would be silently ignored
+        _refuse_split(spec, split)
     if not is_caption_table(spec):
         return _read_shards(spec)
-    root = Path(image_root) if image_root else Path(spec).parent
     return _group(read_caption_table(spec), root, spec)
+
+
+def _refuse_split(spec: str, split: str) -> None:
+    if is_caption_table(spec) and not Path(spec).is_file():
+        raise UsageError(f"captions file '{spec}' does not exist")  # the first thing to fix
+    raise UsageError(f"split '{split}' applies only to a Karpathy-split JSON (dataset_coco.json, "
+                     f"dataset_flickr30k.json); '{spec}' is not one")
 
 
 def _group(rows: list[CaptionRow], root: Path, spec: str) -> RetrievalSet:

@@ -29,7 +29,7 @@ def check_sets(sets: list[EvalSet]) -> None:
             load_classnames(s.classnames, read_image_folder(s.path).classes)
             load_templates(s.templates)
         else:
-            read_retrieval_set(s.path, s.image_root)
+            read_retrieval_set(s.path, s.image_root, s.split)
 
 
 def evaluate(model: torch.nn.Module, sets: list[EvalSet], tokenizer: Tokenizer, image_size: int,
@@ -49,7 +49,8 @@ def evaluate(model: torch.nn.Module, sets: list[EvalSet], tokenizer: Tokenizer, 
                 result = evaluate_zero_shot(model, tokenizer, data, load_classnames(s.classnames, data.classes),
                                             load_templates(s.templates), **common)
             else:
-                result = evaluate_retrieval(model, tokenizer, read_retrieval_set(s.path, s.image_root), **common)
+                result = evaluate_retrieval(model, tokenizer, read_retrieval_set(s.path, s.image_root, s.split),
+                                            **common)
             if result.skipped_images and Shard.current().rank == 0:
                 log.warning(f"eval {s.name}: skipped {result.skipped_images} unreadable image(s)")
             results[s.name] = result.metrics
