@@ -206,8 +206,8 @@ class Activations:
 
 def tower_shapes(cfg: ModelConfig, mask_ratio: float) -> tuple[TowerShape, TowerShape]:
     s = cfg.sizes
-    image = TowerShape(cfg.image_tokens(mask_ratio), s.vision_width, s.vision_depth, s.vision_heads, s.mlp_ratio)
-    text = TowerShape(cfg.context_length, s.text_width, s.text_depth, s.text_heads, s.mlp_ratio)
+    image = TowerShape(cfg.image_tokens(mask_ratio), s.vision_width, s.vision_depth, s.vision_heads, s.vision_mlp_ratio)
+    text = TowerShape(cfg.context_length, s.text_width, s.text_depth, s.text_heads, s.text_mlp_ratio)
     return image, text
 
 

@@ -21,7 +21,7 @@ from flip_ds.bench.random_batch import random_batch
 from flip_ds.bench.table import Row, fill_mask_ratios, fill_throughput, largest_batch, peer_summary, train_flops_ratio
 from flip_ds.cli import main
 from flip_ds.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
-from flip_ds.models.config import ModelConfig
+from flip_ds.models.config import ModelConfig, TowerSizes
 from flip_ds.models.flip import FLIP
 from flip_ds.models.flops import flops_per_sample
 from flip_ds.plan import parameter_counts
@@ -30,6 +30,8 @@ from tests.distributed_helpers import REPO, torchrun
 
 B16 = ModelConfig(name="B/16")
 SMOKE_PARAMS = parameter_counts(ModelConfig(name="tiny"), 1000)[0]  # --smoke: the tiny model, vocabulary 1000
+# a shape of one's own whose towers' MLP ratios differ (2.5 and 3)
+ODD = ModelConfig.of_shape("odd", TowerSizes(48, 8, 64, 2, 4, 32, 2, 4, 48, vision_mlp_ratio=2.5, text_mlp_ratio=3.0))
 
 
 def matmul_tflops(precision: str, threads: int) -> float:
@@ -155,11 +157,11 @@ def test_openclip_twin_of_b16_is_its_builtin_vit_b16():
 
 
 @pytest.mark.parametrize("mask", [0.0, 0.5])
-def test_openclip_twin_does_the_same_model_flops(mask):
+@pytest.mark.parametrize("cfg", [ModelConfig(name="tiny"), ODD], ids=["tiny", "odd"])
+def test_openclip_twin_does_the_same_model_flops(mask, cfg):
     open_clip = pytest.importorskip("open_clip")
     from flip_ds.bench.openclip_peer import openclip_model_config
 
-    cfg = ModelConfig(name="tiny")
     torch.manual_seed(0)
     ours = FLIP(cfg, vocab_size=1000).train()
     theirs = open_clip.model.CLIP(**openclip_model_config(cfg, 1000, patch_dropout=0.5), output_dict=True).train()
@@ -176,11 +178,28 @@ def test_openclip_twin_does_the_same_model_flops(mask):
 
 
 @pytest.mark.parametrize("args, cause", [(["--zero", "4"], "--zero"), (["--masks", "0.5", "--max-batch"], "mask 0"),
-                                         (["--model", "B/32"], "--model")])
+                                         (["--model", "B/33"], "--model")])
 def test_bad_arguments_fail_in_one_line_before_any_work(args, cause, capsys):
     assert main(["bench", *args]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and cause in err
+
+
+def test_a_recipes_model_of_any_shape_is_benchmarked_and_a_bad_one_fails_in_one_line(tmp_path, capsys):
+    from flip_ds.bench.runner import BenchSpec
+    from flip_ds.models.config import model_section
+
+    recipe = tmp_path / "odd.yaml"
+    recipe.write_text("model:\n  name: odd\n  image_size: 48\n"
+                      "  vision: {patch_size: 8, width: 64, depth: 2, heads: 4, mlp_ratio: 2.5}\n"
+                      "  text: {width: 32, depth: 2, heads: 4, mlp_ratio: 3.0}\n  embed_dim: 48\n")
+    spec = BenchSpec(model="odd", shape=model_section(str(recipe)), context_length=16)
+    spec.validate()
+    assert spec.model_config.sizes == ODD.sizes and spec.model_config.context_length == 16
+    recipe.write_text(recipe.read_text().replace("heads: 4, mlp", "heads: 5, mlp"))
+    assert main(["bench", "--config", str(recipe)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "model.vision.heads: width 64 does not split into 5 heads" in err, err
 
 
 def test_two_rank_smoke_run_reports_every_setup_consistently(tmp_path):

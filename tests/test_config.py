@@ -12,13 +12,31 @@ from flip_ds.cli import main
 from flip_ds.config import load_recipe
 
 RECIPE = "configs/tiny_cpu.yaml"
+# a whole shape of one's own, for tiny_cpu's 64-px images
+SHAPE = ["model.vision={patch_size: 8, width: 64, depth: 2, heads: 4}", "model.text={width: 32, depth: 2, heads: 4}",
+         "model.embed_dim=48", "model.image_size=64"]
 
 CASES = [
     (["model.nam=tiny"], "unknown key 'model.nam'; ModelConfig has: name,"),
     (["bogus.key=1"], "unknown key 'bogus'; Recipe has: output_dir,"),
     (["train.global_batch=lots"], "train.global_batch: expected an integer, got 'lots'"),
     (["train.precision=fp16"], "train.precision: 'fp16' is not allowed; choose one of 'auto', 'bf16', 'fp32'"),
-    (["model.name=G/14"], "model.name: 'G/14' is not a model; choose one of tiny, B/16, L/16, L/14, H/14"),
+    (["model.name=G/14"], "model.name: 'G/14' is not a model; choose one of tiny, S/16, B/32, B/16, L/16, L/14, "
+                          "H/14, g/14, or give a shape of your own (model.vision, model.text, model.embed_dim)"),
+    (["model.name=tiny", "model.vision.width=256"],
+     "model.vision.width: 256 conflicts with tiny's 128; a shape of your own needs a name outside the registry"),
+    (["model.name=mine", SHAPE[0], "model.text={width: 32, depth: 2}", SHAPE[2]],
+     "model.text.heads: missing; 'mine' is not a registry size, so its shape needs every size"),
+    (["model.name=mine", *SHAPE, "model.vision.heads=5"],
+     "model.vision.heads: width 64 does not split into 5 heads (remainder 4)"),
+    (["model.name=mine", *SHAPE, "model.text.heads=3"], "model.text.heads: width 32 does not split into 3 heads"),
+    (["model.name=mine", *SHAPE, "model.vision.patch_size=12"],
+     "model.image_size: 64 is not a positive multiple of the patch size 12"),
+    (["model.name=mine", *SHAPE, "model.vision.depth=0"], "model.vision.depth: 0 must be > 0"),
+    (["model.name=mine", *SHAPE, "model.text.width=-32"], "model.text.width: -32 must be > 0"),
+    (["model.name=mine", *SHAPE, "model.embed_dim=0"], "model.embed_dim: 0 must be > 0"),
+    (["model.name=mine", *SHAPE, "model.vision.width=66", "model.vision.heads=3"],
+     "model.vision.width: 66 is not a multiple of 4, which pos_embed 'sincos' needs"),
     (["phases.0.mask_ratio=1.0"], "phases.0.mask_ratio: 1.0 is outside [0, 1)"),
     (["phases.1.mask_ratio=-0.1"], "phases.1.mask_ratio: -0.1 is outside [0, 1)"),
     (["model.text_mask_ratio=0.5"],
@@ -66,6 +84,14 @@ def test_unknown_key_in_yaml_file(tmp_path, capsys):
     recipe.write_text("model: {name: tiny, widht: 3}\nphases: [{name: a, samples: 64}]\n")
     assert main(["train", "--config", str(recipe), "--dry-run"]) == 2
     assert "unknown key 'model.widht'" in capsys.readouterr().err
+
+
+def test_a_shape_of_ones_own_passes_the_dry_run(capsys):
+    assert main(["train", "--config", RECIPE, "--dry-run", "--world-size", "2", "model.name=mine", *SHAPE]) == 0
+    r = load_recipe(RECIPE, ["model.name=mine", *SHAPE])
+    s = r.model.sizes
+    assert (s.patch_size, s.vision_width, s.vision_heads, s.text_width, s.embed_dim) == (8, 64, 4, 32, 48)
+    assert (s.vision_mlp_ratio, s.text_mlp_ratio) == (4.0, 4.0)  # not given: timm's 4
 
 
 def test_missing_recipe_file(capsys):

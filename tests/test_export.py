@@ -28,10 +28,20 @@ def tokenizer_file(tmp_path_factory):
     return train_tokenizer(CAPTIONS, str(tmp_path_factory.mktemp("tok") / "spm"), vocab_size=40)
 
 
-def fresh_checkpoint(tokenizer_file: str, pool: str, seed: int = 0) -> Checkpoint:
-    """A randomly initialised FLIP model as a Checkpoint (what read_checkpoint returns)."""
-    recipe = load_recipe(None, ["model.name=tiny", "model.image_size=32", f"model.pool={pool}",
-                                "model.context_length=16", "phases=[{name: p, samples: 64}]"])
+TINY_32 = ["model.name=tiny", "model.image_size=32"]
+# a vision tower in no registry: 30-px images in 6-px patches (a 5 x 5 grid), 28 wide with 61 MLP
+# features, where 61 / 28 * 28 is 60.99999...: a ratio read naively off the module builds timm's
+# tower one feature short
+ODD_SHAPE = ["model.name=odd", "model.image_size=30",
+             "model.vision={patch_size: 6, width: 28, depth: 2, heads: 4, mlp_ratio: 2.1786}",
+             "model.text={width: 32, depth: 1, heads: 2}", "model.embed_dim=24"]
+
+
+def fresh_checkpoint(tokenizer_file: str, pool: str, seed: int = 0, model: list[str] = TINY_32) -> Checkpoint:
+    """A randomly initialised FLIP model (`model`: its recipe overrides) as a Checkpoint (what
+    read_checkpoint returns)."""
+    recipe = load_recipe(None, [*model, f"model.pool={pool}", "model.context_length=16",
+                                "phases=[{name: p, samples: 64}]"])
     with open(tokenizer_file, "rb") as f:
         tok_bytes = f.read()
     torch.manual_seed(seed)
@@ -42,25 +52,39 @@ def fresh_checkpoint(tokenizer_file: str, pool: str, seed: int = 0) -> Checkpoin
                       source="test")
 
 
-@pytest.mark.parametrize("pool", ["avg", "cls"])
-def test_timm_export_loads_strictly_and_gives_the_same_features(tmp_path, tokenizer_file, pool):
-    ckpt = fresh_checkpoint(tokenizer_file, pool)
-    out = tmp_path / "vision.safetensors"
+def assert_timm_twin(ckpt: Checkpoint, out, width: int) -> dict[str, object]:
+    """Export `ckpt`'s vision tower to `out`, load it as a user would paste the printed code (strict),
+    and check that timm's model computes our features; returns create_model's kwargs."""
     kwargs = export_timm(ckpt, out)
-    assert kwargs["global_pool"] == ("avg" if pool == "avg" else "token")
-    # run the printed code, as a user would paste it
     scope: dict = {"timm": timm, "safetensors": safetensors}
     exec(timm_create_call(kwargs, out), scope)
     tm = scope["model"].eval()
     with safetensors.safe_open(str(out), "pt") as f:
         assert json.loads(f.metadata()["timm_kwargs"]) == kwargs
     flip_model, _ = build_from(ckpt)
-    images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    size = ckpt.recipe.model.resolved_image_size
+    images = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ours, theirs = flip_model.visual(images), tm(images)
-    assert theirs.shape == ours.shape == (3, 128)
+    assert theirs.shape == ours.shape == (3, width)
     torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)
     assert ours.std() > 0.1  # real features, not a constant both sides could agree on
+    return kwargs
+
+
+@pytest.mark.parametrize("pool", ["avg", "cls"])
+def test_timm_export_loads_strictly_and_gives_the_same_features(tmp_path, tokenizer_file, pool):
+    kwargs = assert_timm_twin(fresh_checkpoint(tokenizer_file, pool), tmp_path / "vision.safetensors", 128)
+    assert kwargs["global_pool"] == ("avg" if pool == "avg" else "token")
+
+
+def test_timm_export_of_a_shape_of_ones_own(tmp_path, tokenizer_file):
+    ckpt = fresh_checkpoint(tokenizer_file, "avg", model=ODD_SHAPE)
+    kwargs = assert_timm_twin(ckpt, tmp_path / "odd.safetensors", 28)
+    assert (kwargs["img_size"], kwargs["patch_size"], kwargs["embed_dim"], kwargs["depth"], kwargs["num_heads"]) == \
+        (30, 6, 28, 2, 4)
+    state = safetensors.torch.load_file(str(tmp_path / "odd.safetensors"))
+    assert state["blocks.0.mlp.fc1.weight"].shape == (61, 28) and state["pos_embed"].shape == (1, 25, 28)
 
 
 def test_timm_state_dict_without_a_key_fails_strict_load(tmp_path, tokenizer_file):

@@ -1,12 +1,17 @@
-"""The FLIP model: registry sizes, masking, towers, temperature."""
+"""The FLIP model: registry sizes and shapes of one's own, masking, towers, temperature."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
+from flip_ds.config import load_recipe
 from flip_ds.models.attention import EAGER_MAX_TOKENS, resolve_attention, use_attention
-from flip_ds.models.config import REGISTRY, ModelConfig
+from flip_ds.models.config import REGISTRY, ModelConfig, TowerSizes
 from flip_ds.models.flip import FLIP
 from flip_ds.models.flops import flops_per_sample
 from flip_ds.models.info import count_params
@@ -15,34 +20,106 @@ from flip_ds.models.vision import random_masking
 VOCAB = 32000
 
 
-def independent_param_count(name: str, vocab: int, ctx: int = 32) -> tuple[int, int, int]:
-    """Transformer arithmetic, written without looking at the modules: 12 d^2 + 13 d per block
-    (qkv 3d^2+3d, proj d^2+d, fc1 4d^2+4d, fc2 4d^2+d, two LayerNorms 4d)."""
-    s = REGISTRY[name]
+def independent_param_count(s: TowerSizes, vocab: int, ctx: int = 32) -> tuple[int, int, int]:
+    """Transformer arithmetic, written without looking at the modules: per block of width d and MLP
+    width h, 4 d^2 + 2 d h + h + 9 d (qkv 3d^2+3d, proj d^2+d, fc1 dh+h, fc2 hd+d, two LayerNorms
+    4d), 12 d^2 + 13 d at h = 4d; h is int(d * mlp_ratio), timm's rounding."""
 
-    def blocks(d: int, depth: int) -> int:
-        return depth * (12 * d * d + 13 * d)
+    def blocks(d: int, depth: int, mlp_ratio: float) -> int:
+        h = int(d * mlp_ratio)
+        return depth * (4 * d * d + 2 * d * h + h + 9 * d)
 
     patches = (s.image_size // s.patch_size) ** 2
     d = s.vision_width
-    image = 3 * s.patch_size**2 * d + d + patches * d + d + blocks(d, s.vision_depth) + 2 * d
+    image = 3 * s.patch_size**2 * d + d + patches * d + d + blocks(d, s.vision_depth, s.vision_mlp_ratio) + 2 * d
     t = s.text_width
-    text = vocab * t + ctx * t + blocks(t, s.text_depth) + 2 * t
+    text = vocab * t + ctx * t + blocks(t, s.text_depth, s.text_mlp_ratio) + 2 * t
     total = image + text + d * s.embed_dim + t * s.embed_dim + 1
     return image, text, total
 
 
+def counted(counts: dict[str, int]) -> tuple[int, int, int]:
+    return counts["params_image"], counts["params_text"], counts["params_total"]
+
+
 @pytest.mark.parametrize("name", list(REGISTRY))
 def test_param_counts_match_formula(name):
-    counted = count_params(name, VOCAB)
-    image, text, total = independent_param_count(name, VOCAB)
-    assert counted["params_image"] == pytest.approx(image, rel=0.01)
-    assert counted["params_text"] == pytest.approx(text, rel=0.01)
-    assert counted["params_total"] == pytest.approx(total, rel=0.01)
+    assert counted(count_params(name, VOCAB)) == independent_param_count(REGISTRY[name], VOCAB)
 
 
-# OpenCLIP's published profile (image tower incl. projection, M params; GFLOPs per 224-px image)
-OPENCLIP_IMAGE = {"B/16": (86.19, 35.13), "L/14": (303.97, 162.03), "H/14": (632.08, 334.59)}
+# a shape in no registry: odd patch grid (6 x 6 of 8 px), an MLP of 2.5 x (150 features), a text
+# tower wider than the image tower with a 3 x MLP, an embedding narrower than both
+CUSTOM = TowerSizes(image_size=48, patch_size=8, vision_width=60, vision_depth=3, vision_heads=5, text_width=96,
+                    text_depth=2, text_heads=6, embed_dim=40, vision_mlp_ratio=2.5, text_mlp_ratio=3.0)
+CUSTOM_RECIPE = ["model.name=mine", "model.image_size=48",
+                 "model.vision={patch_size: 8, width: 60, depth: 3, heads: 5, mlp_ratio: 2.5}",
+                 "model.text={width: 96, depth: 2, heads: 6, mlp_ratio: 3.0}", "model.embed_dim=40",
+                 "model.pos_embed=learned", "phases=[{name: p, samples: 64}]"]
+
+
+def test_a_recipes_own_shape_builds_that_model():
+    cfg = load_recipe(None, CUSTOM_RECIPE).model
+    assert cfg.name == "mine" and cfg.sizes == dataclasses.replace(CUSTOM, image_size=224)  # 224: unless given
+    assert cfg.resolved_image_size == 48 and cfg.num_patches == 36
+    assert counted(count_params(cfg, VOCAB)) == independent_param_count(CUSTOM, VOCAB)
+    model = FLIP(cfg, vocab_size=VOCAB)
+    assert model.visual.blocks[0].mlp.fc1.out_features == 150 and model.text.blocks[0].mlp.fc1.out_features == 288
+    assert model.visual.blocks[0].attn.num_heads == 5 and model.text.blocks[0].attn.num_heads == 6
+    images, tokens = torch.randn(2, 3, 48, 48), torch.tensor([[2, 5, 3, 0]] * 2)
+    with torch.no_grad():
+        image_emb, text_emb, _ = model(images, tokens, 0.5)
+    assert image_emb.shape == text_emb.shape == (2, 40)
+
+
+@pytest.mark.parametrize("name", [*REGISTRY, "mine"])
+def test_flops_are_what_torch_counts_in_the_forward(name):
+    """flops_per_sample against torch's FlopCounterMode over a real forward, on the meta device (shapes
+    only, so g/14 costs nothing) and with eager attention, whose q @ k and attention @ v are matmuls
+    the counter sees (it does not count CPU SDPA kernels)."""
+    cfg = load_recipe(None, CUSTOM_RECIPE).model if name == "mine" else ModelConfig(name=name)
+    side = cfg.resolved_image_size
+    with torch.device("meta"):
+        model = FLIP(cfg, vocab_size=1000).eval()
+        images, tokens = torch.randn(1, 3, side, side), torch.randint(4, 1000, (1, cfg.context_length))
+    use_attention(model, "eager")
+    for mask in (0.0, 0.75):
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(images, tokens, mask)
+        assert counter.get_total_flops() == flops_per_sample(cfg, mask).forward, mask
+
+
+def test_model_info_counts_a_recipes_own_shape_and_every_registry_size(tmp_path, capsys):
+    from flip_ds.cli import main
+
+    recipe = tmp_path / "mine.yaml"
+    recipe.write_text("model:\n  name: mine\n  image_size: 48\n  pos_embed: learned\n"
+                      "  vision: {patch_size: 8, width: 60, depth: 3, heads: 5, mlp_ratio: 2.5}\n"
+                      "  text: {width: 96, depth: 2, heads: 6, mlp_ratio: 3.0}\n  embed_dim: 40\n")
+    assert main(["model-info", "--config", str(recipe), "--vocab-size", str(VOCAB), "--masks", "0", "--json"]) == 0
+    [row] = json.loads(capsys.readouterr().out)
+    assert (row["model"], row["image_size"], row["sizes"]["vision_mlp_ratio"]) == ("mine", 48, 2.5)
+    assert counted(row) == independent_param_count(CUSTOM, VOCAB)
+    cfg = load_recipe(None, CUSTOM_RECIPE).model
+    assert row["flops"][0]["forward_gflops"] == pytest.approx(flops_per_sample(cfg).forward / 1e9)
+    assert main(["model-info", "--json"]) == 0
+    assert [r["model"] for r in json.loads(capsys.readouterr().out)] == list(REGISTRY)
+    assert main(["model-info", "--model", "G/14"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_sizes_beside_a_registry_name_may_spell_it_out():
+    from flip_ds.models.config import TextShape, VisionShape
+
+    spelled = ModelConfig(name="B/16", vision=VisionShape(patch_size=16, width=768), text=TextShape(heads=8),
+                          embed_dim=512)
+    assert spelled.sizes == REGISTRY["B/16"]
+    assert ModelConfig.of_shape("b16-by-hand", REGISTRY["B/16"]).sizes == REGISTRY["B/16"]
+
+
+# OpenCLIP's published profile (docs/model_profile.csv: image tower incl. projection, M params;
+# GFLOPs per 224-px image)
+OPENCLIP_IMAGE = {"S/16": (21.81, 9.2), "B/32": (87.85, 8.82), "B/16": (86.19, 35.13), "L/14": (303.97, 162.03),
+                  "H/14": (632.08, 334.59), "g/14": (1012.65, 534.06)}
 
 
 @pytest.mark.parametrize("name", list(OPENCLIP_IMAGE))

@@ -118,6 +118,23 @@ def test_plan_json_fits_splits_the_batch_and_costs_the_samples():
     assert plan["setting"]["mfu"] == [MFU_LOW, MFU_HIGH]
 
 
+def test_plan_of_a_shape_spelled_out_is_its_registry_sizes_plan_and_another_shape_is_not():
+    b16 = str(REPO / "configs" / "flip_b16_laion400m.yaml")
+    by_hand = ["model.name=b16-by-hand", "model.vision={patch_size: 16, width: 768, depth: 12, heads: 12}",
+               "model.text={width: 512, depth: 12, heads: 8}", "model.embed_dim=512"]
+
+    def plan_json(*overrides: str) -> dict:
+        status, out, err = run_cli("plan", b16, *overrides, "--gpus", "64", "--gpu-mem", "80", "--json")
+        assert status == 0, err
+        return json.loads(out)
+
+    named, spelled, deeper = plan_json(), plan_json(*by_hand), plan_json(*by_hand, "model.vision.depth=24")
+    assert (named["model"], spelled["model"]) == ("B/16", "b16-by-hand")
+    assert {**spelled, "model": "B/16"} == named
+    assert deeper["params"] - named["params"] == 12 * (12 * 768**2 + 13 * 768)  # 12 more 768-wide blocks
+    assert deeper["phases"][0]["train_gflops_per_sample"] > named["phases"][0]["train_gflops_per_sample"]
+
+
 def test_plan_splits_the_batch_as_the_trainer_does_with_the_recipes_own_accumulation():
     recipe = load_recipe(H14_ZERO2, ["train.accum_steps=4"])
     on_128 = plan(recipe, Cluster(gpus=128, gpu_mem_gib=80), Setting(), 32000)

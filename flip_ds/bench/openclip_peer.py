@@ -40,9 +40,9 @@ def openclip_model_config(cfg: ModelConfig, vocab_size: int, patch_dropout: floa
         "embed_dim": s.embed_dim,
         "vision_cfg": {"image_size": cfg.resolved_image_size, "patch_size": s.patch_size, "width": s.vision_width,
                        "layers": s.vision_depth, "head_width": s.vision_width // s.vision_heads,
-                       "mlp_ratio": s.mlp_ratio, "patch_dropout": patch_dropout},
+                       "mlp_ratio": s.vision_mlp_ratio, "patch_dropout": patch_dropout},
         "text_cfg": {"context_length": cfg.context_length, "vocab_size": vocab_size, "width": s.text_width,
-                     "heads": s.text_heads, "layers": s.text_depth, "mlp_ratio": s.mlp_ratio},
+                     "heads": s.text_heads, "layers": s.text_depth, "mlp_ratio": s.text_mlp_ratio},
     }
 
 

@@ -20,7 +20,7 @@ from flip_ds.bench.flip_case import FlipEngine, FlipStepCase
 from flip_ds.bench.peak import MatmulPeak
 from flip_ds.bench.table import Row, fill_mask_ratios, fill_throughput, largest_batch, peer_summary, text_tower_summary
 from flip_ds.bench.text_case import TextTowerCase, text_tower
-from flip_ds.config_loader import UsageError, check_flag
+from flip_ds.config_loader import UsageError, check_flag, from_dict
 from flip_ds.distributed import detect_dist_env, init_distributed, max_over_ranks, quiet_deepspeed, shutdown
 from flip_ds.log import setup_logging
 from flip_ds.models.config import REGISTRY, ModelConfig
@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class BenchSpec:
-    model: str = "B/16"
+    model: str = "B/16"  # a registry size, or the name of `shape`
+    shape: dict[str, Any] | None = None  # a recipe's model section (--config), any shape; None: REGISTRY[model]
     batch: int = 8  # per rank
     masks: list[float] = field(default_factory=lambda: [0.0, 0.5, 0.75])
     text_masks: list[float] = field(default_factory=lambda: [0.0, 0.5])  # the text tower alone; []: not timed
@@ -50,8 +51,10 @@ class BenchSpec:
     activation_checkpointing: bool = False  # neither stack recomputes by default; equal work
 
     def validate(self) -> None:
-        check_flag(self.model in REGISTRY,
-                   f"--model: '{self.model}' is not a model; choose one of {', '.join(REGISTRY)}")
+        check_flag(self.shape is not None or self.model in REGISTRY,
+                   f"--model: '{self.model}' is not a model; choose one of {', '.join(REGISTRY)}, "
+                   f"or give a recipe with a shape of its own (--config)")
+        _ = self.model_config  # building it checks the shape: a bad one fails in one line naming the key
         check_flag(self.batch > 0, f"--batch: {self.batch} must be > 0")
         check_flag(bool(self.masks) and all(0.0 <= m < 1.0 for m in self.masks),
                    f"--masks: {self.masks} must be in [0, 1)")
@@ -76,8 +79,11 @@ class BenchSpec:
 
     @property
     def model_config(self) -> ModelConfig:
-        return ModelConfig(name=self.model, context_length=self.context_length,
-                           activation_checkpointing=self.activation_checkpointing)
+        """The benchmarked model: `shape` (or the registry's `model`), with the flags' text length and
+        checkpointing, which a recipe's model section does not override: they are the bench's settings."""
+        section = self.shape if self.shape is not None else {"name": self.model}
+        return from_dict(ModelConfig, {**section, "context_length": self.context_length,
+                                       "activation_checkpointing": self.activation_checkpointing}, "model")
 
 
 @dataclass

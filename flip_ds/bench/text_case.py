@@ -16,7 +16,7 @@ def text_tower(cfg: ModelConfig, vocab_size: int, precision: str, device: str) -
     s = cfg.sizes
     torch.manual_seed(0)
     tower = TextTransformer(vocab_size=vocab_size, context_length=cfg.context_length, width=s.text_width,
-                            depth=s.text_depth, heads=s.text_heads, mlp_ratio=s.mlp_ratio,
+                            depth=s.text_depth, heads=s.text_heads, mlp_ratio=s.text_mlp_ratio,
                             attention=cfg.text_attention, text_mask=cfg.text_mask, pad_id=PAD_ID, eos_id=EOS_ID,
                             activation_checkpointing=cfg.activation_checkpointing)
     return tower.to(device, dtype_of(precision))

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from flip_ds.cli import HelpFormatter
+from flip_ds.models.config import REGISTRY
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -18,7 +19,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "`deepspeed --num_gpus N`). Every (ZeRO stage, precision, mask) setup, the matmul peak and "
                     "OpenCLIP's trainer (--peer) run interleaved, A B C A B C ..., and are reported as medians.",
         formatter_class=HelpFormatter)
-    p.add_argument("--model", default="B/16", help="registry size: tiny, B/16, L/16, L/14, H/14")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--model", default="B/16", help=f"registry size: {', '.join(REGISTRY)}")
+    which.add_argument("--config", default=None, metavar="RECIPE",
+                       help="benchmark a recipe's model instead (its model section: a registry name or a shape of "
+                            "its own); --context-length and --activation-checkpointing still apply (default: --model)")
     p.add_argument("--batch", type=int, default=8, help="samples per rank per step")
     p.add_argument("--masks", type=float, nargs="+", default=[0.0, 0.5, 0.75], help="image mask ratios")
     p.add_argument("--text-masks", type=float, nargs="*", default=[0.0, 0.5],
@@ -51,16 +56,19 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from flip_ds.bench.runner import BenchSpec, run_bench
     from flip_ds.bench.table import format_max_batch, format_peer, format_rows, format_text_tower
+    from flip_ds.models.config import model_section
 
-    spec = BenchSpec(model=args.model, batch=args.batch, masks=args.masks, text_masks=args.text_masks,
-                     precisions=args.precision,
+    shape = model_section(args.config) if args.config else None
+    spec = BenchSpec(model=shape.get("name", "B/16") if shape else args.model, shape=shape, batch=args.batch,
+                     masks=args.masks, text_masks=args.text_masks, precisions=args.precision,
                      stages=args.zero, steps=args.steps, rounds=args.rounds, warmup=args.warmup, peer=args.peer,
                      peer_precisions=args.peer_precision,
                      max_batch=args.max_batch, memory_budget_gb=args.memory_budget_gb,
                      vocab_size=args.vocab_size, context_length=args.context_length,
                      activation_checkpointing=args.activation_checkpointing)
     if args.smoke:
-        spec.model, spec.batch, spec.steps, spec.rounds, spec.warmup, spec.vocab_size = "tiny", 4, 1, 1, 1, 1000
+        spec.model, spec.shape, spec.batch, spec.steps, spec.rounds, spec.warmup, spec.vocab_size = \
+            "tiny", None, 4, 1, 1, 1, 1000
     result = run_bench(spec)
     if result is None:  # not rank 0
         return 0

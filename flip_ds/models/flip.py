@@ -19,11 +19,11 @@ class FLIP(nn.Module):
         self.cfg = cfg
         s = cfg.sizes
         self.visual = MaskedViT(img_size=cfg.resolved_image_size, patch_size=s.patch_size, width=s.vision_width,
-                                depth=s.vision_depth, heads=s.vision_heads, mlp_ratio=s.mlp_ratio,
+                                depth=s.vision_depth, heads=s.vision_heads, mlp_ratio=s.vision_mlp_ratio,
                                 pos_embed=cfg.pos_embed, pool=cfg.pool,
                                 activation_checkpointing=cfg.activation_checkpointing)
         self.text = TextTransformer(vocab_size=vocab_size, context_length=cfg.context_length, width=s.text_width,
-                                    depth=s.text_depth, heads=s.text_heads, mlp_ratio=s.mlp_ratio,
+                                    depth=s.text_depth, heads=s.text_heads, mlp_ratio=s.text_mlp_ratio,
                                     attention=cfg.text_attention, text_mask=cfg.text_mask, pad_id=pad_id, eos_id=eos_id,
                                     activation_checkpointing=cfg.activation_checkpointing)
         self.visual_proj = nn.Linear(s.vision_width, s.embed_dim, bias=False)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 from torch.utils.checkpoint import checkpoint
 
-from flip_ds.models.config import kept_patches
+from flip_ds.models.config import kept_patches, mlp_width
 
 
 def random_masking(x: torch.Tensor, mask_ratio: float, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -75,6 +77,19 @@ class MaskedViT(VisionTransformer):
         return x.mean(dim=1) if self.pool == "avg" else x[:, 0]
 
 
+def mlp_ratio_for(width: int, hidden: int) -> float:
+    """The mlp_ratio from which timm builds exactly `hidden` MLP features for `width`.
+
+    timm takes int(width * mlp_ratio), and hidden / width can land one ulp low (28 wide, 61
+    features: 60.99999...), which would build a tower one feature short; so step up to the
+    first float that rounds to `hidden`.
+    """
+    ratio = hidden / width
+    while mlp_width(width, ratio) < hidden:
+        ratio = math.nextafter(ratio, math.inf)
+    return ratio
+
+
 def timm_kwargs(model: MaskedViT) -> dict[str, object]:
     """Arguments that make `timm.create_model('vit_base_patch16_224', **kwargs)` compute `model`'s
     unmasked features and accept its state dict with strict=True.
@@ -85,6 +100,6 @@ def timm_kwargs(model: MaskedViT) -> dict[str, object]:
     """
     return dict(img_size=model.patch_embed.img_size[0], patch_size=model.patch_embed.patch_size[0],
                 embed_dim=model.embed_dim, depth=len(model.blocks), num_heads=model.blocks[0].attn.num_heads,
-                mlp_ratio=model.blocks[0].mlp.fc1.out_features / model.embed_dim, num_classes=0,
+                mlp_ratio=mlp_ratio_for(model.embed_dim, model.blocks[0].mlp.fc1.out_features), num_classes=0,
                 global_pool="avg" if model.pool == "avg" else "token", pool_include_prefix=model.pool == "avg",
                 fc_norm=False, class_token=True, no_embed_class=True, qkv_bias=True, pre_norm=False)
