@@ -138,6 +138,13 @@ def find_resume(recipe: Recipe, root: Path) -> tuple[Path, str] | None:
         raise ConfigError(f"resume: {e}") from None
 
 
+def kept_tags(global_batch: int, milestones: list[int], phase_ends: list[int]) -> set[str]:
+    """The tags `prune` never deletes: every phase's last step (`phase_ends`, in steps: the end of
+    the masked phase is what ablations of the unmasked tuning start from) and the first step that
+    reaches each of `milestones` (in samples)."""
+    return {tag_for(step) for step in phase_ends} | {tag_for(-(-m // global_batch)) for m in milestones}
+
+
 def prune(root: Path, keep_last: int, milestones: set[str]) -> None:
     """Delete complete periodic checkpoints beyond the newest `keep_last`; milestones stay."""
     tags = sorted(p.name for p in root.glob("step_*") if is_complete(p) and p.name not in milestones)

@@ -127,7 +127,7 @@ class PhaseConfig:
 @dataclass
 class CheckpointConfig:
     every_samples: int = 0  # 0: only at phase ends, on signals and at the end
-    keep_last: int = 2  # older periodic checkpoints are deleted; milestones are kept
+    keep_last: int = 2  # older periodic checkpoints are deleted; phase ends and milestones are kept
     milestones: list[int] = field(default_factory=list)  # samples seen at which a kept checkpoint is written
 
     def validate(self, prefix: str = "checkpoint") -> None:

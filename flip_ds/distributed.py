@@ -133,8 +133,9 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+def rank(group: Any = None) -> int:
+    """This process's rank in `group` (default: the whole world); 0 without a process group."""
+    return dist.get_rank(group=group) if dist.is_available() and dist.is_initialized() else 0
 
 
 def world_size() -> int:

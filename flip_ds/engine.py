@@ -43,15 +43,24 @@ def initialize(model: nn.Module, recipe: Recipe, split: BatchSplit, device: str,
 def _set_fp32_master(param: nn.Parameter, value: torch.Tensor) -> None:
     """Write `value` into the optimizer's fp32 master of `param` (no collective).
 
-    Under ZeRO-3 each rank writes the slice it holds; DeepSpeed's setter reads past the end of
-    `value` on a rank whose slice is only padding (a 1-element parameter on 2+ ranks), and such a
-    rank has nothing to write.
+    Under ZeRO-3 each rank writes the slice it holds, at its rank in the parameter's partition
+    group; DeepSpeed's setter reads past the end of `value` on a rank whose slice is only padding
+    (a 1-element parameter on 2+ ranks), and such a rank has nothing to write.
     """
     from deepspeed.utils import safe_set_full_fp32_param
 
-    if hasattr(param, "ds_tensor") and distributed.rank() * param.ds_tensor.numel() >= param.ds_numel:
-        return
+    if hasattr(param, "ds_tensor"):
+        if distributed.rank(param.ds_process_group) * param.ds_tensor.numel() >= param.ds_numel:
+            return
+    elif not hasattr(param, "_hp_mapping"):
+        raise _no_fp32_master()
     safe_set_full_fp32_param(param, value)
+
+
+def _no_fp32_master() -> RuntimeError:
+    # engine_config refuses bf16 without ZeRO, so only a DeepSpeed that changed its internals gets here
+    return RuntimeError("the logit scale has no fp32 master in this DeepSpeed optimizer "
+                        "(safe_get_full_fp32_param found none): bf16 needs ZeRO stage 1, 2 or 3")
 
 
 def load_checkpoint(engine, directory: str, tag: str) -> dict[str, Any]:
@@ -72,7 +81,10 @@ def refresh_fp32_logit_scale(engine) -> None:
 
     model = engine.module
     if model.logit_scale.dtype != torch.float32:
-        model.fp32_logit_scale = safe_get_full_fp32_param(model.logit_scale).detach().clone()
+        master = safe_get_full_fp32_param(model.logit_scale)
+        if master is None:
+            raise _no_fp32_master()
+        model.fp32_logit_scale = master.detach().clone()
 
 
 def set_batch_split(engine, split: BatchSplit, global_batch: int) -> None:

@@ -54,6 +54,11 @@ def deepspeed_config(recipe: Recipe, split: BatchSplit, device: str, precision: 
     last one.
     """
     config = load_engine_json(recipe.train.deepspeed)
+    # Without ZeRO, DeepSpeed's bf16 optimizer keeps no fp32 master that flip-ds can reach, and the
+    # logit scale must train in fp32 (flip_ds.engine.refresh_fp32_logit_scale).
+    check(precision != "bf16" or config.get("zero_optimization", {}).get("stage", 0) > 0,
+          f"train.deepspeed: '{recipe.train.deepspeed}' is ZeRO stage 0, which bf16 training does not support "
+          "(the logit scale trains in fp32 through ZeRO's fp32 master); use ZeRO stage 1, 2 or 3")
     config["train_micro_batch_size_per_gpu"] = split.micro
     config["gradient_accumulation_steps"] = split.accum
     config["train_batch_size"] = recipe.train.global_batch

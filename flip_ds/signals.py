@@ -17,7 +17,8 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 class StopRequest:
     def __init__(self) -> None:
-        self.signum: int | None = None
+        self.signum: int | None = None  # the first stop signal this process received
+        self.stopping = False  # the run stops on a request, this process's or another rank's
         self._previous = {}
 
     def install(self) -> None:
@@ -25,9 +26,9 @@ class StopRequest:
             self._previous[signum] = signal.signal(signum, self._handle)
 
     def uninstall(self) -> None:
-        """Restore the previous handlers; after a stop request, ignore the stop signals instead."""
+        """Restore the previous handlers; when stopping on a request, ignore the stop signals instead."""
         for signum, handler in self._previous.items():
-            signal.signal(signum, signal.SIG_IGN if self.requested else handler)
+            signal.signal(signum, signal.SIG_IGN if self.stopping or self.requested else handler)
         self._previous.clear()
 
     def _handle(self, signum: int, _frame) -> None:

@@ -175,10 +175,12 @@ class Trainer:
                                            abort_requested=data_error is not None, watch=watch)
                 if outcome.abort:
                     raise data_error or DataError("another rank stopped on a data error (see its message)")
-                if outcome.stop:
+                if outcome.stop:  # a stop request on any rank: every rank saves and exits 75
+                    self.stop.stopping = True
                     self.state.step, self.state.data = step, data_state
                     self._save(step)
-                    log.info(f"stopped by signal {self.stop.signum} at step {step}; checkpoint saved, "
+                    cause = f"signal {self.stop.signum}" if self.stop.requested else "another rank's signal"
+                    log.info(f"stopped by {cause} at step {step}; checkpoint saved, "
                              f"exiting {EXIT_PREEMPTED} for a requeue")
                     return EXIT_PREEMPTED
                 nonfinite_in_row = nonfinite_in_row + 1 if outcome.nonfinite else 0
@@ -377,9 +379,10 @@ class Trainer:
         client = {"flip_ds": {**self.state.__dict__, "data": all_gather_object(self.state.data)}}
         path = checkpoint.save(self.engine, self.ckpt_root, step, client, self.recipe, self.recipe.data.tokenizer,
                                meta, self.rank)
-        milestones = {checkpoint.tag_for(-(-m // g)) for m in self.recipe.checkpoint.milestones}
+        kept = checkpoint.kept_tags(g, self.recipe.checkpoint.milestones,
+                                    [span.first_step + span.steps for span in self.plan.spans])
         if self.rank == 0:
-            checkpoint.prune(self.ckpt_root, self.recipe.checkpoint.keep_last, milestones)
+            checkpoint.prune(self.ckpt_root, self.recipe.checkpoint.keep_last, kept)
         log.info(f"checkpoint {path} ({step * g} samples)")
 
     def _evaluate(self, steps_done: int) -> None:

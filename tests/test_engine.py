@@ -4,6 +4,7 @@ optimizer reset, activation checkpointing's memory, and the phase / lr plan."""
 from __future__ import annotations
 
 import gc
+import json
 import math
 
 import deepspeed
@@ -11,14 +12,16 @@ import pytest
 import torch
 
 from flip_ds.config import BatchSplit, load_recipe
+from flip_ds.config_loader import ConfigError
 from flip_ds.engine import initialize, reset_optimizer_state
+from flip_ds.engine_config import deepspeed_config
 from flip_ds.memory import saved_activation_bytes
 from flip_ds.metrics import Stopwatch
 from flip_ds.models.config import ModelConfig
 from flip_ds.models.flip import FLIP, build_model
 from flip_ds.schedule import PhasePlan
 from flip_ds.step import contrastive_step
-from tests.distributed_helpers import run_on_ranks
+from tests.distributed_helpers import REPO, run_on_ranks
 from tests.engine_helpers import ZERO3_PARTITION_ALL, synthetic_batches, tiny_recipe
 
 
@@ -56,6 +59,7 @@ def test_zero3_each_rank_holds_half_of_every_parameter(tmp_path):
     run_on_ranks(_partition_check, 2, tmp_path)
 
 
+ZERO1 = {"zero_optimization": {"stage": 1}}
 ZERO2 = {"zero_optimization": {"stage": 2}}
 
 
@@ -181,38 +185,51 @@ def test_phase_plan_lr_warmup_cosine_and_switch():
     assert plan.lr_at(10) == pytest.approx(peak / 10)  # phase b: its own peak, no warmup
 
 
-def _fp32_logit_scale_check(rank: int, world: int, tmp, zero) -> None:
+def _fp32_logit_scale_check(rank: int, world: int, tmp) -> None:
     """Adam's first step moves a parameter by lr (g / |g|), so the logit scale must move by exactly
-    lr = 1e-3. Its bf16 copy could not: at log(1/0.07) = 2.66 bf16 values are 0.0156 apart."""
+    lr = 1e-3. Its bf16 copy could not: at log(1/0.07) = 2.66 bf16 values are 0.0156 apart.
+    Every stage the recipes use: ZeRO-1 (most paper recipes), ZeRO-2, ZeRO-3 with the logit scale
+    partitioned, and the shipped zero3.json, whose persistence threshold keeps it resident."""
     from flip_ds.engine import load_checkpoint, set_lr
 
     lr = 1e-3
-    recipe = tiny_recipe(tmp / f"r{rank}", "train.global_batch=16", "train.micro_batch=8", "train.precision=bf16",
-                         "optim.weight_decay=0", zero=zero)
-    torch.manual_seed(0)
-    engine = initialize(build_model(recipe.model, vocab_size=100), recipe, BatchSplit(recipe.train.micro_batch, 1),
-                        device="cpu", precision=recipe.train.precision)
-    assert engine.module.logit_scale.dtype == torch.bfloat16  # DeepSpeed cast the parameter ...
-    set_lr(engine, lr)
-    first = _step(engine, rank, 0)
-    assert 1 / first.temperature == pytest.approx(1 / 0.07, rel=1e-6)  # ... forward uses the fp32 value
-    second = _step(engine, rank, 1)
-    moved = math.log(first.temperature / second.temperature)
-    assert abs(moved) == pytest.approx(lr, rel=1e-3), moved
-    engine.save_checkpoint(str(tmp / "ckpt"), tag="two")  # after two updates; every rank writes its part
-    set_lr(engine, 0.0)
-    saved = _step(engine, rank, 2).temperature
-    engine.destroy()
+    shipped_zero3 = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
+    for name, zero in (("zero1", ZERO1), ("zero2", ZERO2), ("zero3", ZERO3_PARTITION_ALL),
+                       ("zero3_shipped", shipped_zero3)):
+        recipe = tiny_recipe(tmp / name / f"r{rank}", "train.global_batch=16", "train.micro_batch=8",
+                             "train.precision=bf16", "optim.weight_decay=0", zero=zero)
+        torch.manual_seed(0)
+        engine = initialize(build_model(recipe.model, vocab_size=100), recipe,
+                            BatchSplit(recipe.train.micro_batch, 1), device="cpu", precision=recipe.train.precision)
+        assert engine.module.logit_scale.dtype == torch.bfloat16, name  # DeepSpeed cast the parameter ...
+        set_lr(engine, lr)
+        first = _step(engine, rank, 0)
+        assert 1 / first.temperature == pytest.approx(1 / 0.07, rel=1e-6), name  # ... forward uses the fp32 value
+        second = _step(engine, rank, 1)
+        moved = math.log(first.temperature / second.temperature)
+        assert abs(moved) == pytest.approx(lr, rel=1e-3), (name, moved)
+        engine.save_checkpoint(str(tmp / name / "ckpt"), tag="two")  # after two updates; every rank writes its part
+        set_lr(engine, 0.0)
+        saved = _step(engine, rank, 2).temperature
+        engine.destroy()
 
-    torch.manual_seed(1)  # another init: the checkpoint must bring the fp32 value back
-    again = initialize(build_model(recipe.model, vocab_size=100), recipe, BatchSplit(recipe.train.micro_batch, 1),
-                       device="cpu", precision=recipe.train.precision)
-    load_checkpoint(again, str(tmp / "ckpt"), "two")
-    set_lr(again, 0.0)
-    assert _step(again, rank, 2).temperature == pytest.approx(saved, rel=1e-6)
-    again.destroy()
+        torch.manual_seed(1)  # another init: the checkpoint must bring the fp32 value back
+        again = initialize(build_model(recipe.model, vocab_size=100), recipe,
+                           BatchSplit(recipe.train.micro_batch, 1), device="cpu", precision=recipe.train.precision)
+        load_checkpoint(again, str(tmp / name / "ckpt"), "two")
+        set_lr(again, 0.0)
+        assert _step(again, rank, 2).temperature == pytest.approx(saved, rel=1e-6), name
+        again.destroy()
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_the_logit_scale_trains_in_fp32_under_bf16(tmp_path, stage):
-    run_on_ranks(_fp32_logit_scale_check, 2, tmp_path, ZERO2 if stage == 2 else ZERO3_PARTITION_ALL)
+def test_the_logit_scale_trains_in_fp32_under_bf16_on_every_zero_stage(tmp_path):
+    run_on_ranks(_fp32_logit_scale_check, 2, tmp_path)
+
+
+def test_bf16_without_zero_is_refused_in_one_line(tmp_path):
+    """Stage 0's bf16 optimizer has no fp32 master for the logit scale to train in."""
+    recipe = tiny_recipe(tmp_path, "train.global_batch=16", "train.micro_batch=8",
+                         zero={"zero_optimization": {"stage": 0}})
+    with pytest.raises(ConfigError, match="ZeRO stage 0, which bf16 training does not support"):
+        deepspeed_config(recipe, BatchSplit(8, 1), "cpu", "bf16")
+    assert deepspeed_config(recipe, BatchSplit(8, 1), "cpu", "fp32")["bf16"] == {"enabled": False}

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from flip_ds.checkpoint import kept_tags, tag_for
 from flip_ds.cli import main
 from flip_ds.config import IMAGENET_EPOCH, Recipe, load_recipe
 from flip_ds.config_loader import ConfigError, from_dict, to_dict
@@ -87,7 +88,12 @@ def test_steps_are_flips_count_and_the_recipe_is_flips(stem):
     assert masked.phase.mask_ratio == mask / 100 and masked.phase.warmup_samples == warmup_epochs * 19 * G
     assert (tuning.phase.mask_ratio, tuning.phase.base_lr, tuning.phase.reset_optimizer) == (0.0, 4e-8, True)
     assert tuning.phase.warmup_samples == 380 * G  # 20 virtual epochs of 19 steps
-    assert r.checkpoint.milestones == [masked_steps * G]  # the masked phase's last step, kept
+    kept = kept_tags(G, r.checkpoint.milestones, [s.first_step + s.steps for s in (masked, tuning)])
+    assert tag_for(masked_steps) in kept  # the masked phase's last step, kept for ablations of the tuning
+    half = 32768  # a user's smaller batch: 39 steps an epoch, and the kept phase end moves with them
+    small = load_recipe(str(recipe_path(stem)), [f"train.global_batch={half}"])
+    small_masked = PhasePlan(small.phases, small.optim, half).spans[0]
+    assert small_masked.steps == masked_steps // 19 * 39 and not small.checkpoint.milestones
 
 
 @pytest.mark.parametrize("stem", PAPER_ROWS)

@@ -63,3 +63,14 @@ def test_without_a_request_uninstall_gives_sigterm_back_its_default():
         sys.exit(0)
     """)
     assert done.returncode == -15, done.stderr
+
+
+def test_a_rank_stopping_for_another_ranks_signal_ignores_later_ones():
+    """Ranks stop together: one that was not signalled itself must not die of a late SIGTERM either."""
+    done = _run(f"""
+        stop.stopping = True  # the step's agreement said another rank was signalled
+        stop.uninstall()
+        os.kill(os.getpid(), signal.SIGTERM)
+        sys.exit({EXIT_PREEMPTED})
+    """)
+    assert done.returncode == EXIT_PREEMPTED, done.stderr
