@@ -22,7 +22,7 @@ import math
 from dataclasses import dataclass
 
 from flip_ds.config import Recipe
-from flip_ds.config_loader import UsageError, check
+from flip_ds.config_loader import check_flag
 from flip_ds.models.flops import flops_per_sample, transformer_forward_flops
 
 A100_BF16_TFLOPS = 312.0
@@ -71,14 +71,13 @@ class Setting:
 
     def validate(self) -> None:
         """The planner's command-line flags: a wrong one is the user's input (UsageError)."""
-        check(self.peak_tflops > 0, f"--tflops: {self.peak_tflops} must be > 0", UsageError)
-        check(0 < self.mfu[0] <= self.mfu[1] <= 1, f"--mfu: {self.mfu} must be LOW HIGH with 0 < LOW <= HIGH <= 1",
-              UsageError)
+        check_flag(self.peak_tflops > 0, f"--tflops: {self.peak_tflops} must be > 0")
+        check_flag(0 < self.mfu[0] <= self.mfu[1] <= 1, f"--mfu: {self.mfu} must be LOW HIGH with 0 < LOW <= HIGH <= 1")
         for flag, value in (("--intra-node-gbps", self.intra_node_gbps), ("--inter-node-gbps", self.inter_node_gbps),
                             ("--checkpoint-write-gbps", self.checkpoint_write_gbps), ("--job-hours", self.job_hours)):
-            check(value > 0, f"{flag}: {value} must be > 0", UsageError)
-        check(self.restart_s >= 0 and self.failures_per_gpu_day >= 0,
-              "--restart-s and --failures-per-gpu-day must be >= 0", UsageError)
+            check_flag(value > 0, f"{flag}: {value} must be > 0")
+        check_flag(self.restart_s >= 0 and self.failures_per_gpu_day >= 0,
+                   "--restart-s and --failures-per-gpu-day must be >= 0")
 
     def bandwidth(self, gpus: int, gpus_per_node: int) -> float:
         """Bytes/s per GPU of a collective spanning all GPUs: the network's when they span nodes."""

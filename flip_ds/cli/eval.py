@@ -115,12 +115,12 @@ class Session:
 
 
 def _check_args(args: argparse.Namespace, mask_ratio: float = 0.0) -> None:
-    from flip_ds.config_loader import UsageError, check
+    from flip_ds.config_loader import check_flag
 
-    check(args.batch_size > 0, f"--batch-size {args.batch_size} must be > 0", UsageError)
-    check(args.workers >= 0, f"--workers {args.workers} must be >= 0", UsageError)
-    check(args.image_size is None or args.image_size > 0, f"--image-size {args.image_size} must be > 0", UsageError)
-    check(0.0 <= mask_ratio < 1.0, f"--mask-ratio {mask_ratio} must be in [0, 1)", UsageError)
+    check_flag(args.batch_size > 0, f"--batch-size {args.batch_size} must be > 0")
+    check_flag(args.workers >= 0, f"--workers {args.workers} must be >= 0")
+    check_flag(args.image_size is None or args.image_size > 0, f"--image-size {args.image_size} must be > 0")
+    check_flag(0.0 <= mask_ratio < 1.0, f"--mask-ratio {mask_ratio} must be in [0, 1)")
 
 
 @contextmanager
@@ -136,7 +136,7 @@ def _session(args: argparse.Namespace) -> Iterator[Session]:
 
 def _open_session(args: argparse.Namespace) -> Session:
     from flip_ds.checkpoint import build_from, read_checkpoint
-    from flip_ds.config_loader import UsageError, check
+    from flip_ds.config_loader import check_flag
     from flip_ds.distributed import detect_dist_env, init_for_inference
     from flip_ds.log import setup_logging
     from flip_ds.precision import resolve_on_all_ranks
@@ -152,8 +152,7 @@ def _open_session(args: argparse.Namespace) -> Session:
     model, tokenizer = build_from(ckpt, device)
     image_size = args.image_size or ckpt.recipe.model.resolved_image_size
     patch = ckpt.recipe.model.sizes.patch_size
-    check(image_size % patch == 0, f"--image-size {image_size} is not a multiple of the patch size {patch}",
-          UsageError)
+    check_flag(image_size % patch == 0, f"--image-size {image_size} is not a multiple of the patch size {patch}")
     return Session(model, tokenizer, ckpt.recipe, ckpt.meta, ckpt.source, device,
                    precision.dtype, denv.rank, denv.world_size,
                    image_size, time.perf_counter() - started, started)
@@ -226,16 +225,16 @@ def run_retrieval(args: argparse.Namespace) -> int:
 
 
 def run_linear_probe(args: argparse.Namespace) -> int:
-    from flip_ds.config_loader import UsageError, check
+    from flip_ds.config_loader import check_flag
     from flip_ds.evaluation.datasets import read_image_folder
     from flip_ds.evaluation.linear_probe import fit_probe, image_features
 
     _check_args(args)
-    check(0.0 < args.val_fraction < 1.0, f"--val-fraction {args.val_fraction} must be in (0, 1)", UsageError)
-    check(args.max_iter > 0, f"--max-iter {args.max_iter} must be > 0", UsageError)
+    check_flag(0.0 < args.val_fraction < 1.0, f"--val-fraction {args.val_fraction} must be in (0, 1)")
+    check_flag(args.max_iter > 0, f"--max-iter {args.max_iter} must be > 0")
     train, test = read_image_folder(args.train), read_image_folder(args.test)
-    check(train.classes == test.classes, f"--train and --test must have the same class folders "
-                                         f"({len(train.classes)} vs {len(test.classes)})", UsageError)
+    check_flag(train.classes == test.classes, f"--train and --test must have the same class folders "
+                                              f"({len(train.classes)} vs {len(test.classes)})")
     with _session(args) as s:
         t0 = time.perf_counter()
         feats = {name: image_features(s.model, data, tower_only=args.features == "tower", desc=f"{name} images",

@@ -25,9 +25,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from flip_ds.config_loader import UsageError, check
+    from flip_ds.config_loader import check_flag
 
-    check(args.out is not None or args.timm_out is not None, "export: give --out and/or --timm-out", UsageError)
+    check_flag(args.out is not None or args.timm_out is not None, "export: give --out and/or --timm-out")
     from flip_ds.checkpoint import read_checkpoint
     from flip_ds.export import export_model, export_timm, timm_create_call
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from flip_ds import cost
 from flip_ds.cli import HelpFormatter
-from flip_ds.config_loader import check
+from flip_ds.config_loader import check_flag
 from flip_ds.plan import GIB, Plan
 
 
@@ -63,7 +63,7 @@ def split_recipes_and_overrides(args: list[str]) -> tuple[list[str], list[str]]:
     """Positional arguments with '=' are overrides (they apply to every recipe); the others recipes."""
     recipes = [a for a in args if "=" not in a]
     overrides = [a for a in args if "=" in a]
-    check(bool(recipes), "plan: name at least one recipe before the KEY=VALUE overrides")
+    check_flag(bool(recipes), "plan: name at least one recipe before the KEY=VALUE overrides")
     return recipes, overrides
 
 

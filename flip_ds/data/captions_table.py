@@ -71,7 +71,7 @@ def _read_csv(source: Path) -> tuple[list[str], list[dict[str, Any]]]:
 
 def _read_json(source: Path) -> tuple[list[str], list[dict[str, Any]]]:
     """A JSON document (a list of records, or one record), else JSON lines: whatever the suffix says."""
-    text = source.read_text(encoding="utf-8")
+    text = source.read_text(encoding="utf-8-sig")  # as for CSV: a spreadsheet's byte-order mark is no content
     try:
         document = json.loads(text)
         records = document if isinstance(document, list) else [document]
