@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
@@ -72,6 +73,7 @@ def train(recipe: Recipe) -> int:
     except (UsageError, DataError, NonFiniteError) as e:
         print(f"flip-ds: error (rank {denv.rank}): {e}", file=sys.stderr)
         status = EXIT_RECIPE_OR_DATA
+    gc.collect()  # the trainer's DeepSpeed objects go before the process group does (Trainer.run)
     shutdown()
     return status
 
@@ -210,6 +212,11 @@ class Trainer:
             self.stop.uninstall()
             self.stream.close()
             self.logger.close()
+            # DeepSpeed's engine holds the process group's ZeRO work (hooks, gather handles): freed
+            # here, while the group is alive, their teardown stays out of interpreter exit, where
+            # gloo's threads can abort a rank that has finished ("terminate called without an
+            # active exception", seen on the 2-node SLURM test)
+            self.engine.destroy()
 
     # -- pieces ---------------------------------------------------------------------------------
     def _init_weights(self, model: torch.nn.Module, source: str) -> None:
