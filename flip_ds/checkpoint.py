@@ -5,7 +5,7 @@ Layout under OUTPUT_DIR/checkpoints (a DeepSpeed save_dir):
     TAG/                 DeepSpeed's per-rank model and optimizer shards
     TAG/recipe.yaml      the resolved recipe         } written by rank 0 after every rank
     TAG/tokenizer.model  the SentencePiece model     } finished its shards, meta.json last
-    TAG/meta.json        samples seen, step, phase, world size
+    TAG/meta.json        samples seen, step, phase, world size, precision, ZeRO stage
     latest               the newest complete TAG, replaced atomically after meta.json exists
 
 A rank killed while saving leaves a TAG without meta.json that `latest` never names, so
@@ -54,7 +54,8 @@ def tag_for(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` so that readers see the old file or the whole new one, never a part."""
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
@@ -73,8 +74,10 @@ def save(engine, root: Path, step: int, client_state: dict[str, Any], recipe: Re
         tag_dir = root / tag
         (tag_dir / "recipe.yaml").write_text(yaml.safe_dump(to_dict(recipe), sort_keys=False))
         shutil.copyfile(tokenizer_file, tag_dir / "tokenizer.model")
-        _write_atomic(tag_dir / META, json.dumps(meta, indent=2))
-        _write_atomic(root / "latest", tag)
+        # the stage the shards are laid out for: a resume under ZeRO stage "auto" keeps it (flip_ds.zero_auto)
+        meta = {**meta, "zero_stage": engine.zero_optimization_stage()}
+        write_atomic(tag_dir / META, json.dumps(meta, indent=2))
+        write_atomic(root / "latest", tag)
     barrier()
     return root / tag
 

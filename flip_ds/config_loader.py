@@ -134,7 +134,7 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
-def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     node: Any = tree
     for i, part in enumerate(parts[:-1]):
@@ -166,7 +166,7 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
-        _set_dotted(tree, dotted.strip(), value)
+        set_dotted(tree, dotted.strip(), value)
     return tree
 
 

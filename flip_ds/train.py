@@ -59,6 +59,9 @@ class TrainState:
     # streams, seeded by the samples seen then so that they do not replay the first ones.
     data_seed: int | None = None
     eval: dict[str, Any] = field(default_factory=dict)
+    # The training loop's wall clock up to the last checkpoint, summed over restarts (start-up and
+    # the steps lost to an interruption are not in it): the time and device-hours a run cost
+    train_seconds: float = 0.0
 
 
 def train(recipe: Recipe) -> int:
@@ -124,6 +127,9 @@ class Trainer:
         self.engine = ds_engine.initialize(model, recipe, self.split, device, self.precision.name,
                                            load_universal=resharded)
         self.data_cfg = recipe.data.with_workers(denv.local_world_size)
+        log.info(f"layout: {denv.world_size} rank(s) ({device}) x {torch.get_num_threads()} thread(s), "
+                 f"{self.data_cfg.workers} data loader worker(s) per rank; ZeRO stage "
+                 f"{self.engine.zero_optimization_stage()}")
         self.state = TrainState()
         if resume:
             self.state = self._load(resume, saved_world)
@@ -137,6 +143,7 @@ class Trainer:
         self.logger.text("run/precision", f"{self.precision.name}: {self.precision.reason}", 0)
         self.peak_tflops = device_peak_tflops(device, recipe.logging.peak_tflops)
         self.stop = StopRequest()
+        self.clock_start, self.seconds_before = time.perf_counter(), self.state.train_seconds
 
     # -- the loop -----------------------------------------------------------------------------
     def run(self) -> int:
@@ -146,6 +153,8 @@ class Trainer:
         watch = Stopwatch()
         window_start, window_steps, nonfinite_in_row = time.perf_counter(), 0, 0
         last_saved = self.state.step if self.state.step > 0 else -1
+        # every rank agrees, so that the final evaluation (a collective) runs on all or none
+        final_eval_done = all(distributed.all_gather_object(self._eval_file(self.plan.total_steps).is_file()))
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
         cut = " or ".join(dict.fromkeys(f"{s.micro} x {s.accum} accum" for s in self.splits))
@@ -204,9 +213,10 @@ class Trainer:
                     last_saved = step + 1
             if last_saved != self.plan.total_steps:
                 self._save(self.plan.total_steps)
-            if r.eval.at_end and r.eval.sets and not self._eval_due(self.plan.total_steps - 1):
+            if r.eval.at_end and r.eval.sets and not self._eval_due(self.plan.total_steps - 1) and not final_eval_done:
                 self._evaluate(self.plan.total_steps)
-            log.info(f"done: {self.plan.total_steps * g} samples; checkpoints in {self.ckpt_root}")
+            log.info(f"done: {self.plan.total_steps * g} samples; checkpoints in {self.ckpt_root}"
+                     + (f", evaluations in {self.out / 'eval'}" if r.eval.sets else ""))
             return 0
         finally:
             self.stop.uninstall()
@@ -376,8 +386,12 @@ class Trainer:
         g = self.recipe.train.global_batch
         return bool(self.recipe.eval.sets) and every > 0 and (step * g) // every != ((step + 1) * g) // every
 
+    def _train_seconds(self) -> float:
+        return self.seconds_before + time.perf_counter() - self.clock_start
+
     def _save(self, step: int) -> None:
         g = self.recipe.train.global_batch
+        self.state.train_seconds = self._train_seconds()
         meta = {"samples_seen": step * g, "step": step, "phase": self.plan.span_at(max(step - 1, 0)).phase.name,
                 "world_size": self.denv.world_size, "model": self.recipe.model.name, "precision": self.precision.name,
                 "precision_reason": self.precision.reason, "time": time.time()}
@@ -409,4 +423,22 @@ class Trainer:
                 best[k] = max(v, best.get(k, v))
         self.state.eval["latest"] = {"samples": samples, **results}
         log.info(f"eval at {samples} samples: {json.dumps(results)}")
+        if self.rank == 0:
+            self._write_eval(steps_done, results)
+
+    def _eval_file(self, steps_done: int) -> Path:
+        return self.out / "eval" / f"samples_{steps_done * self.recipe.train.global_batch:012d}.json"
+
+    def _write_eval(self, steps_done: int, results: dict[str, dict[str, float]]) -> None:
+        """One JSON per evaluation, what `flip-ds report` reads: the metrics with the samples,
+        time and devices they cost."""
+        kinds = {s.name: s.kind for s in self.recipe.eval.sets}
+        record = {"samples_seen": steps_done * self.recipe.train.global_batch, "step": steps_done,
+                  "total_samples": self.plan.total_steps * self.recipe.train.global_batch,
+                  "train_seconds": round(self._train_seconds(), 3), "world_size": self.denv.world_size,
+                  "device": self.device, "precision": self.precision.name, "model": self.recipe.model.name,
+                  "sets": {name: {"kind": kinds[name], "metrics": metrics} for name, metrics in results.items()}}
+        path = self._eval_file(steps_done)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        checkpoint.write_atomic(path, json.dumps(record, indent=2))
 

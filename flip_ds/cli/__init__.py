@@ -15,10 +15,12 @@ COMMANDS = [
     "flip_ds.cli.model_info",
     "flip_ds.cli.demo", "flip_ds.cli.bench",
     "flip_ds.cli.plan",
+    "flip_ds.cli.sweep",
     "flip_ds.cli.slurm",
     "flip_ds.cli.make_shards", "flip_ds.cli.demo_data", "flip_ds.cli.train_tokenizer", "flip_ds.cli.bench_data",
     "flip_ds.cli.eval",
     "flip_ds.cli.export",
+    "flip_ds.cli.report",
 ]
 
 
