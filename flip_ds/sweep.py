@@ -33,10 +33,10 @@ from typing import Any
 
 import yaml
 
+from flip_ds import run_dir
 from flip_ds.config import Recipe
 from flip_ds.config_loader import ConfigError, apply_overrides, from_dict, read_yaml, set_dotted, to_dict
 from flip_ds.engine_config import validate_for_launch
-from flip_ds.schedule import PhasePlan
 
 GRID_KEYS = ("base", "output_dir", "overrides", "axes", "columns", "cases", "baseline")
 
@@ -190,7 +190,6 @@ class PreparedCell:
     cell: Cell
     recipe: Recipe
     dir: Path
-    total_steps: int
 
     @property
     def recipe_file(self) -> Path:
@@ -198,18 +197,10 @@ class PreparedCell:
 
     @property
     def total_samples(self) -> int:
-        return self.total_steps * self.recipe.train.global_batch
+        return run_dir.total_samples(self.recipe)
 
-    def status(self) -> str:
-        """'done', 'partial' (a checkpoint to resume from) or 'pending'."""
-        latest = self.dir / "checkpoints" / "latest"
-        if not latest.is_file():
-            return "pending"
-        meta = self.dir / "checkpoints" / latest.read_text().strip() / "meta.json"
-        step = json.loads(meta.read_text())["step"] if meta.is_file() else -1
-        final_eval = self.dir / "eval" / f"samples_{self.total_samples:012d}.json"
-        evaluated = not self.recipe.eval.sets or final_eval.is_file()
-        return "done" if step == self.total_steps and evaluated else "partial"
+    def status(self) -> run_dir.State:
+        return run_dir.state(self.recipe)
 
 
 def prepare(grid: Grid, world_size: int, extra_overrides: list[str]) -> list[PreparedCell]:
@@ -223,8 +214,7 @@ def prepare(grid: Grid, world_size: int, extra_overrides: list[str]) -> list[Pre
             validate_for_launch(recipe, world_size)
         except ConfigError as e:
             raise ConfigError(f"cell '{cell.name}' on {world_size} rank(s): {e}") from None
-        total = PhasePlan(recipe.phases, recipe.optim, recipe.train.global_batch).total_steps
-        prepared.append(PreparedCell(cell, recipe, Path(recipe.output_dir), total))
+        prepared.append(PreparedCell(cell, recipe, Path(recipe.output_dir)))
     texts = [yaml.safe_dump(to_dict(p.recipe), sort_keys=False) for p in prepared]
     for p, text in zip(prepared, texts):
         if p.recipe_file.is_file() and p.recipe_file.read_text() != text and p.status() != "pending":

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from flip_ds import checkpoint, distributed
+from flip_ds import checkpoint, distributed, run_dir
 from flip_ds import engine as ds_engine
 from flip_ds.config import BatchSplit, Recipe
 from flip_ds.config_loader import ConfigError, UsageError
@@ -70,6 +70,10 @@ def train(recipe: Recipe) -> int:
     splits = validate_for_launch(recipe, denv.world_size)
     distributed.quiet_deepspeed()
     _check_inputs(recipe)
+    if recipe.resume == "auto" and run_dir.state(recipe) == "done":  # a chained or repeated job: nothing to do
+        log.info(f"{recipe.output_dir} is complete ({run_dir.total_samples(recipe)} samples trained and evaluated); "
+                 "nothing to do")
+        return 0
     device = init_distributed(denv, recipe.train.comm_timeout_s)
     try:
         status = Trainer(recipe, denv, splits, device).run()
@@ -153,8 +157,6 @@ class Trainer:
         watch = Stopwatch()
         window_start, window_steps, nonfinite_in_row = time.perf_counter(), 0, 0
         last_saved = self.state.step if self.state.step > 0 else -1
-        # every rank agrees, so that the final evaluation (a collective) runs on all or none
-        final_eval_done = all(distributed.all_gather_object(self._eval_file(self.plan.total_steps).is_file()))
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
         cut = " or ".join(dict.fromkeys(f"{s.micro} x {s.accum} accum" for s in self.splits))
@@ -213,7 +215,7 @@ class Trainer:
                     last_saved = step + 1
             if last_saved != self.plan.total_steps:
                 self._save(self.plan.total_steps)
-            if r.eval.at_end and r.eval.sets and not self._eval_due(self.plan.total_steps - 1) and not final_eval_done:
+            if r.eval.at_end and r.eval.sets and not self._eval_due(self.plan.total_steps - 1):
                 self._evaluate(self.plan.total_steps)
             log.info(f"done: {self.plan.total_steps * g} samples; checkpoints in {self.ckpt_root}"
                      + (f", evaluations in {self.out / 'eval'}" if r.eval.sets else ""))
@@ -426,9 +428,6 @@ class Trainer:
         if self.rank == 0:
             self._write_eval(steps_done, results)
 
-    def _eval_file(self, steps_done: int) -> Path:
-        return self.out / "eval" / f"samples_{steps_done * self.recipe.train.global_batch:012d}.json"
-
     def _write_eval(self, steps_done: int, results: dict[str, dict[str, float]]) -> None:
         """One JSON per evaluation, what `flip-ds report` reads: the metrics with the samples,
         time and devices they cost."""
@@ -438,7 +437,7 @@ class Trainer:
                   "train_seconds": round(self._train_seconds(), 3), "world_size": self.denv.world_size,
                   "device": self.device, "precision": self.precision.name, "model": self.recipe.model.name,
                   "sets": {name: {"kind": kinds[name], "metrics": metrics} for name, metrics in results.items()}}
-        path = self._eval_file(steps_done)
+        path = run_dir.eval_record(self.out, steps_done * self.recipe.train.global_batch)
         path.parent.mkdir(parents=True, exist_ok=True)
         checkpoint.write_atomic(path, json.dumps(record, indent=2))
 

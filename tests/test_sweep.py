@@ -154,6 +154,12 @@ def test_a_rerun_of_a_finished_sweep_trains_nothing(local_sweep):
     assert third.returncode == 0, third.stderr
     assert third.stdout.count("done, skipped") == 8 and "training" not in third.stdout
     assert {p: p.stat().st_mtime for p in out.glob("cells/*/eval/*.json")} == stamps
+    # a cell's own recipe, trained again (as a chained Slurm job does), finds the run complete
+    recipe = out / "cells" / CELLS[0] / "recipe.yaml"
+    again = subprocess.run([sys.executable, "-m", "flip_ds", "train", "--config", str(recipe)], cwd=REPO,
+                           capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and "is complete (40 samples trained and evaluated); nothing to do" in again.stdout
+    assert {p: p.stat().st_mtime for p in out.glob("cells/*/eval/*.json")} == stamps
 
 
 def test_report_has_eight_rows_with_deltas_and_plots_that_decode(local_sweep):
