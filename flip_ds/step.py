@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from flip_ds.distributed import any_rank
+from flip_ds.distributed import all_reduce
 from flip_ds.engine import refresh_fp32_logit_scale
 from flip_ds.loss import contrastive_loss
 from flip_ds.metrics import Stopwatch
@@ -15,17 +15,37 @@ from flip_ds.metrics import Stopwatch
 
 @dataclass
 class StepOutcome:
-    loss: float
-    temperature: float
+    """What a step did. The loss and the temperature stay on the device until read, so that only
+    a step that logs them waits for the device (a host read is a sync on a GPU)."""
+
+    loss_tensor: torch.Tensor  # this rank's loss, detached
+    scale_tensor: torch.Tensor  # 1/tau, detached
     stepped: bool  # False when any flag below is set: no rank updated
     nonfinite: bool = False  # some rank's loss was not finite: every rank skips the update
     stop: bool = False  # some rank was signalled: every rank saves and stops
     abort: bool = False  # some rank cannot go on (its data failed): every rank stops without saving
 
+    @property
+    def loss(self) -> float:
+        return self.loss_tensor.item()
+
+    @property
+    def temperature(self) -> float:
+        return 1.0 / self.scale_tensor.item()
+
 
 def mask_seed(seed: int, rank: int, step: int, micro: int) -> int:
     """The masking noise of (rank, step, micro batch): reproducible after a resume, distinct everywhere."""
     return int(np.random.SeedSequence([seed, rank, step, micro]).generate_state(1)[0])
+
+
+def agree(loss: torch.Tensor, stop_requested: bool, abort_requested: bool) -> list[bool]:
+    """[non-finite loss, stop, abort], each raised on any rank, raised on all: one small all-reduce,
+    and the step's only host read. The finiteness test stays on the device until then, so it costs
+    no sync of its own."""
+    local = torch.stack([~torch.isfinite(loss.detach()), torch.full((), stop_requested, device=loss.device),
+                         torch.full((), abort_requested, device=loss.device)]).float()
+    return [v > 0 for v in all_reduce(local, "max").tolist()]
 
 
 def contrastive_step(engine, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], *, image_mask: float,
@@ -44,7 +64,7 @@ def contrastive_step(engine, micro_batches: list[tuple[torch.Tensor, torch.Tenso
     k = len(micro_batches)
 
     def outcome(loss: torch.Tensor, scale: torch.Tensor, flags: list[bool]) -> StepOutcome:
-        return StepOutcome(loss.item(), 1.0 / scale.item(), not any(flags), *flags)
+        return StepOutcome(loss.detach(), scale.detach(), not any(flags), *flags)
 
     def forward(j: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         images, tokens = micro_batches[j]
@@ -56,7 +76,7 @@ def contrastive_step(engine, micro_batches: list[tuple[torch.Tensor, torch.Tenso
         loss = contrastive_loss(image_emb, text_emb, scale)
         # one small all-reduce per step: the ranks skip, stop or abort together, and no collective is
         # left waiting for a rank that went away
-        flags = any_rank(not torch.isfinite(loss).item(), stop_requested, abort_requested)
+        flags = agree(loss, stop_requested, abort_requested)
         if any(flags):
             return outcome(loss, scale, flags)
         engine.backward(loss)
@@ -71,7 +91,7 @@ def contrastive_step(engine, micro_batches: list[tuple[torch.Tensor, torch.Tenso
         cached_images = [c[0] for c in cached]
         cached_texts = [c[1] for c in cached]
         loss = contrastive_loss(torch.cat(cached_images), torch.cat(cached_texts), cached[0][2])
-    flags = any_rank(not torch.isfinite(loss).item(), stop_requested, abort_requested)
+    flags = agree(loss, stop_requested, abort_requested)
     if any(flags):
         return outcome(loss, cached[0][2], flags)
     for j in range(k):
