@@ -203,10 +203,10 @@ class PreparedCell:
         return run_dir.state(self.recipe)
 
 
-def prepare(grid: Grid, world_size: int, extra_overrides: list[str]) -> list[PreparedCell]:
-    """Every cell's recipe, checked for `world_size` ranks before anything is written or run; then
-    the recipes, cells.json and cells.list are written. A started cell whose recipe the grid now
-    changes is refused: its checkpoints belong to the old one."""
+def prepare(grid: Grid, world_size: int, extra_overrides: list[str], write: bool = True) -> list[PreparedCell]:
+    """Every cell's recipe, checked for `world_size` ranks before anything is written or run; then,
+    when `write`, the recipes, cells.json and cells.list are written. A started cell whose recipe
+    the grid now changes is refused: its checkpoints belong to the old one."""
     prepared = []
     for cell in grid.cells():
         recipe = grid.recipe(cell, extra_overrides)
@@ -220,6 +220,8 @@ def prepare(grid: Grid, world_size: int, extra_overrides: list[str]) -> list[Pre
         if p.recipe_file.is_file() and p.recipe_file.read_text() != text and p.status() != "pending":
             raise ConfigError(f"cell '{p.cell.name}': the grid changes the recipe of a cell that has started "
                               f"({p.recipe_file}); use another output_dir, or delete {p.dir} to retrain it")
+    if not write:
+        return prepared
     for p, text in zip(prepared, texts):
         p.dir.mkdir(parents=True, exist_ok=True)
         p.recipe_file.write_text(text)

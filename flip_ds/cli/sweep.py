@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         check_flag(args.nproc is None or args.nproc >= 1, f"--nproc: {args.nproc} must be >= 1")
         world = args.nproc or _local_devices()
-    cells = prepare(grid, world, args.overrides)
+    cells = prepare(grid, world, args.overrides, write=not args.dry_run)
     print(f"sweep {grid.output_dir}: {len(cells)} cell(s) of {grid.base} on {world} rank(s) each; "
           f"baseline '{grid.baseline}'")
     if args.dry_run:
