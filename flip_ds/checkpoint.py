@@ -189,9 +189,21 @@ def _consolidate(path: Path) -> Checkpoint:
         except (ValueError, FileNotFoundError, KeyError) as e:
             raise UsageError(f"checkpoint '{tag_dir}' cannot be consolidated by DeepSpeed's zero_to_fp32 "
                              f"(a ZeRO-1/2/3 checkpoint is needed): {e}") from None
+    state.update(_untrained_params(tag_dir, state))
     return Checkpoint(state_dict=state, recipe=load_recipe(str(tag_dir / "recipe.yaml")),
                       tokenizer_model=(tag_dir / "tokenizer.model").read_bytes(),
                       meta=read_meta(root, tag), source=str(tag_dir))
+
+
+def _untrained_params(tag_dir: Path, consolidated: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The parameters zero_to_fp32 leaves out of a ZeRO-1 checkpoint: those that do not train (FLIP's
+    fixed sin-cos position table). DeepSpeed records them for its consolidation only under ZeRO-2/3;
+    ZeRO-1/2 save the whole module in one model file, which holds them as the run computed with them."""
+    model_file = tag_dir / "mp_rank_00_model_states.pt"
+    if not model_file.is_file():  # ZeRO-3: one model file per rank, and the frozen parameters consolidated
+        return {}
+    module = torch.load(model_file, map_location="cpu", weights_only=False)["module"]
+    return {name: value.float() for name, value in module.items() if name not in consolidated}
 
 
 def _read_export(path: Path) -> Checkpoint:

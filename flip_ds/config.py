@@ -26,7 +26,8 @@ class TrainConfig:
     seed: int = 0
     # auto: bf16 on GPUs and CPUs with native bf16, fp32 on other CPUs (flip_ds.precision)
     precision: Literal["auto", "bf16", "fp32"] = "auto"
-    deepspeed: str = "ds_configs/zero3.json"  # engine settings only (ZeRO stage, offload, buckets)
+    # engine settings only (ZeRO stage, offload, buckets); stage "auto": the lowest that fits (flip_ds.zero_auto)
+    deepspeed: str = "ds_configs/zero_auto.json"
     max_nonfinite_steps: int = 5  # stop after this many non-finite losses in a row
     comm_timeout_s: float = 600.0  # a collective waiting this long for a rank fails every rank (a hang ends)
 

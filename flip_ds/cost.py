@@ -154,13 +154,11 @@ class Clock:
 
 
 def clock(recipe: Recipe, setting: Setting, gpus: int, gpus_per_node: int, params: int, accums: list[int],
-          precision: str) -> Clock:
-    """The wall-clock of `recipe` on `gpus` GPUs; `accums`: each phase's accumulation."""
-    from flip_ds.engine_config import load_engine_json
+          precision: str, stage: int) -> Clock:
+    """The wall-clock of `recipe` on `gpus` GPUs; `accums`: each phase's accumulation; `stage`: ZeRO's."""
     from flip_ds.schedule import PhasePlan
 
     g, world = recipe.train.global_batch, gpus
-    stage = int(load_engine_json(recipe.train.deepspeed).get("zero_optimization", {}).get("stage", 0))
     act_bytes = 2 if precision == "bf16" else 4
     flops_per_s = [setting.peak_tflops * 1e12 * m for m in setting.mfu]
     phases = []

@@ -79,6 +79,15 @@ def quiet_deepspeed(info_logs: bool = True) -> None:
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 
 
+def cpu_threads_per_rank(local_world_size: int) -> int:
+    """Compute threads of each of a node's `local_world_size` CPU ranks: OMP_NUM_THREADS when set,
+    else the node's cores shared out (the deepspeed launcher leaves it unset, and every rank would
+    use every core)."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return int(os.environ["OMP_NUM_THREADS"])
+    return max(1, (os.cpu_count() or 1) // local_world_size)
+
+
 def init_distributed(denv: DistEnv, timeout_s: float = DEFAULT_COMM_TIMEOUT_S) -> str:
     """Join the process group through DeepSpeed; returns the device name ('cuda' or 'cpu').
 
@@ -98,8 +107,7 @@ def init_distributed(denv: DistEnv, timeout_s: float = DEFAULT_COMM_TIMEOUT_S) -
         # init on CPU; it only serves inference all-reduce, which training never calls.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         if "OMP_NUM_THREADS" not in os.environ:
-            # the deepspeed launcher leaves OMP threads unset: every rank would use every core
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // denv.local_world_size))
+            torch.set_num_threads(cpu_threads_per_rank(denv.local_world_size))
     else:
         accelerator.set_device(denv.local_rank)
     deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(), verbose=False,

@@ -18,6 +18,9 @@ from flip_ds.config_loader import ConfigError, check
 RECIPE_OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
                      "bf16", "fp16", "optimizer", "scheduler", "gradient_clipping")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# zero_optimization.stage: "auto" leaves the stage to the planner's memory model at start-up
+# (flip_ds.zero_auto), as Hugging Face's DeepSpeed integration fills its "auto" values
+ZERO_AUTO = "auto"
 
 
 def resolve_deepspeed_json(path: str) -> Path:
@@ -38,22 +41,36 @@ def load_engine_json(path: str) -> dict[str, Any]:
         check(key not in config, f"train.deepspeed: '{resolved}' sets '{key}', which the recipe owns "
                                  "(train.micro_batch / train.global_batch / train.precision / optim.*): remove it")
     zero = config.get("zero_optimization", {})
-    check(isinstance(zero, dict) and zero.get("stage", 0) in (0, 1, 2, 3),
-          f"train.deepspeed: '{resolved}' needs zero_optimization.stage in 0..3")
+    check(isinstance(zero, dict) and zero.get("stage", 0) in (0, 1, 2, 3, ZERO_AUTO),
+          f"train.deepspeed: '{resolved}' needs zero_optimization.stage in 0..3 or \"{ZERO_AUTO}\"")
+    offloaded = [k for k in ("offload_optimizer", "offload_param") if k in zero]
+    check(not (is_auto_stage(config) and offloaded),
+          f"train.deepspeed: '{resolved}' has stage \"{ZERO_AUTO}\" with {offloaded}; \"{ZERO_AUTO}\" chooses among "
+          "stages 1-3 without offload: name the stage to offload")
     stray = [k for k in config if k.startswith("stage3_") or k in ("offload_optimizer", "offload_param")]
     check(not stray, f"train.deepspeed: '{resolved}' has {stray} at the top level; they belong in zero_optimization")
     return config
 
 
+def is_auto_stage(config: dict[str, Any]) -> bool:
+    """Whether an engine JSON leaves the ZeRO stage to flip-ds."""
+    return config.get("zero_optimization", {}).get("stage") == ZERO_AUTO
+
+
 def deepspeed_config(recipe: Recipe, split: BatchSplit, device: str, precision: str) -> dict[str, Any]:
     """The engine JSON plus the fields derived from the recipe; `precision` is the recipe's,
-    resolved for the hardware ('bf16' or 'fp32', see flip_ds.precision).
+    resolved for the hardware ('bf16' or 'fp32', see flip_ds.precision). A stage of "auto" is
+    decided here, on every rank alike (flip_ds.zero_auto).
 
     DeepSpeed's `gradient_accumulation_steps` is our feature-cache micro-batch count: each
     micro batch is re-forwarded and back-propagated once per step, and the engine steps after the
     last one.
     """
     config = load_engine_json(recipe.train.deepspeed)
+    if is_auto_stage(config):
+        from flip_ds.zero_auto import choose_on_all_ranks
+
+        config["zero_optimization"]["stage"] = choose_on_all_ranks(recipe, device, precision).stage
     # Without ZeRO, DeepSpeed's bf16 optimizer keeps no fp32 master that flip-ds can reach, and the
     # logit scale must train in fp32 (flip_ds.engine.refresh_fp32_logit_scale).
     check(precision != "bf16" or config.get("zero_optimization", {}).get("stage", 0) > 0,

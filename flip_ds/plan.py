@@ -18,6 +18,7 @@ Time is flip_ds.cost's: compute, communication and the overheads around the step
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ from pathlib import Path
 from flip_ds.config import BatchSplit, Recipe
 from flip_ds.config_loader import ConfigError, check, check_flag
 from flip_ds.cost import Clock, Setting, clock
-from flip_ds.engine_config import load_engine_json
+from flip_ds.engine_config import is_auto_stage, load_engine_json
 from flip_ds.models.config import ModelConfig
 from flip_ds.models.flops import flops_per_sample
 from flip_ds.schedule import PhasePlan
@@ -53,6 +54,10 @@ class Cluster:
 
 # DeepSpeed's defaults (deepspeed/runtime/zero/config.py) for the bucket sizes a JSON may leave out
 DEFAULT_BUCKETS = {"reduce_bucket_size": 5e8, "allgather_bucket_size": 5e8, "stage3_prefetch_bucket_size": 5e7}
+# The stages `zero_optimization.stage: auto` chooses from, lowest first. Never 0: bf16 trains the
+# logit scale through ZeRO's fp32 master (flip_ds.engine), and export and resuming on another world
+# size read ZeRO checkpoints (flip_ds.checkpoint).
+AUTO_STAGES = (1, 2, 3)
 
 
 @dataclass(frozen=True)
@@ -63,7 +68,8 @@ class ZeroSetup:
     bucket_elements: int = 0  # communication buckets ZeRO allocates on the GPU, in elements
 
     @classmethod
-    def from_engine_json(cls, config: dict) -> ZeroSetup:
+    def from_engine_json(cls, config: dict, stage: int | None = None) -> ZeroSetup:
+        """The engine JSON's setup; `stage` stands in for its stage (one that says 'auto' needs it)."""
         zero = config.get("zero_optimization", {})
 
         def offloaded(key: str) -> bool:
@@ -72,7 +78,7 @@ class ZeroSetup:
         def size(key: str) -> int:
             return int(float(zero.get(key, DEFAULT_BUCKETS[key])))
 
-        stage = int(zero.get("stage", 0))
+        stage = int(zero.get("stage", 0) if stage is None else stage)
         if stage == 0:
             buckets = 0
         elif stage == 3:
@@ -272,6 +278,7 @@ class Plan:
     max_micro_accum: int | None
     setting: Setting
     clock: Clock
+    zero_reason: str = ""  # why this stage, when the engine JSON leaves it to the planner ('auto')
 
     @property
     def rows(self) -> int:
@@ -340,15 +347,62 @@ def batch_splits(recipe: Recipe, world: int) -> tuple[list[BatchSplit], str]:
         return [BatchSplit(micro, math.ceil(rows / micro)) for micro in micros], str(error)
 
 
-def plan(recipe: Recipe, cluster: Cluster, setting: Setting, vocab_size: int, recipe_name: str = "") -> Plan:
+def plan(recipe: Recipe, cluster: Cluster, setting: Setting, vocab_size: int, recipe_name: str = "",
+         precision: str | None = None) -> Plan:
+    """What `recipe` costs on `cluster`. `precision`: 'bf16' or 'fp32' as the run resolved it; None:
+    the recipe's, with 'auto' as bf16 (the planner sizes GPU runs, and every GPU it plans for has
+    bf16). An engine JSON whose stage is 'auto' is planned at the stage `choose_zero_stage` picks."""
     cluster.validate()
     setting.validate()
+    engine = load_engine_json(recipe.train.deepspeed)
+    precision = precision or ("bf16" if recipe.train.precision == "auto" else recipe.train.precision)
+    if is_auto_stage(engine):
+        return choose_zero_stage(recipe, cluster, setting, vocab_size, recipe_name, precision)
+    return _plan(recipe, cluster, setting, vocab_size, recipe_name, precision, ZeroSetup.from_engine_json(engine))
+
+
+def choose_zero_stage(recipe: Recipe, cluster: Cluster, setting: Setting, vocab_size: int, recipe_name: str,
+                      precision: str) -> Plan:
+    """The plan at the lowest ZeRO stage whose per-rank peak fits `cluster.gpu_mem_gib` (ZeRO-3,
+    the smallest, when none does), its `zero_reason` saying why in the planner's figures.
+
+    Lowest first because each stage up costs communication: ZeRO-2 reduce-scatters after every
+    micro batch instead of once a step, ZeRO-3 also gathers the weights for every forward and
+    backward. Sharding pays only when the memory it saves is needed.
+    """
+    engine = load_engine_json(recipe.train.deepspeed)
+    tried = []
+    for stage in AUTO_STAGES:
+        tried.append(_plan(recipe, cluster, setting, vocab_size, recipe_name, precision,
+                           ZeroSetup.from_engine_json(engine, stage)))
+        if tried[-1].fits:
+            break
+    chosen = tried[-1]
+    budget = f"{cluster.gpu_mem_gib:.3g} GiB per rank"
+    passed_over = "; ".join(f"ZeRO-{p.zero.stage} needs {p.peak_bytes / GIB:.3g} GiB" for p in tried[:-1])
+    if chosen.fits:
+        reason = f"ZeRO-{chosen.zero.stage} fits, {_peak_parts(chosen)} within {budget}"
+        reason += f"; {passed_over}" if passed_over else ""
+    else:
+        why = chosen.split_error or _peak_parts(chosen)
+        reason = f"no stage fits {budget} ({passed_over}); ZeRO-3, the smallest: {why}"
+    return dataclasses.replace(chosen, zero_reason=reason)
+
+
+def _peak_parts(p: Plan) -> str:
+    """'peak X GiB = model states + activations + ...' of the worst phase, in GiB."""
+    worst = max(p.phases, key=lambda ph: p.activations_of(ph).peak)
+    act = p.activations_of(worst)
+    parts = [("model states", p.states.total), ("activations", act.towers), ("contrastive logits", act.logits),
+             ("ZeRO buckets", p.zero.bucket_bytes(p.precision)), ("reserve", p.cluster.reserve_gib * GIB)]
+    return f"peak {p.peak_bytes / GIB:.3g} GiB = " + " + ".join(f"{name} {b / GIB:.2f}" for name, b in parts)
+
+
+def _plan(recipe: Recipe, cluster: Cluster, setting: Setting, vocab_size: int, recipe_name: str, precision: str,
+          zero: ZeroSetup) -> Plan:
     g, world = recipe.train.global_batch, cluster.gpus
     check(g % world == 0, f"train.global_batch: {g} does not split over {world} GPUs; choose a multiple of {world}")
     rows = g // world
-    zero = ZeroSetup.from_engine_json(load_engine_json(recipe.train.deepspeed))
-    # the planner sizes GPU runs: 'auto' is bf16 on every GPU it plans for (Ampere and later)
-    precision = "bf16" if recipe.train.precision == "auto" else recipe.train.precision
     total, largest = parameter_counts(recipe.model, vocab_size)
     states = model_states(total, largest, zero, precision, world, cluster.gpus_per_node)
     spans = PhasePlan(recipe.phases, recipe.optim, g).spans
@@ -375,4 +429,4 @@ def plan(recipe: Recipe, cluster: Cluster, setting: Setting, vocab_size: int, re
                 split_error=split_error, checkpointing=ckpt, states=states, phases=phases, max_micro_batch=max_micro,
                 max_micro_accum=rows // max_micro if max_micro else None, setting=setting,
                 clock=clock(recipe, setting, cluster.gpus, cluster.gpus_per_node, total,
-                            [split.accum for split in splits], precision))
+                            [split.accum for split in splits], precision, zero.stage))

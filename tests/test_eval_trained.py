@@ -5,7 +5,8 @@ test's 64 images (4 a class) a model that learned nothing scores 4 of 64 on aver
 deviation of 1.9 images; the threshold, 15% (10 of 64), is 3 standard deviations above that, and
 still well below what recognising the colour alone gives (25%: the right colour, then one shape in
 four). Training: 96 optimizer steps of 32 pairs (3,072 samples, masked 50%), one process, the tiny
-recipe's ZeRO-3 + bf16 engine: about 70 s of CPU time; measured 27.7% on 256 held-out images.
+recipe's engine (then ZeRO-3 + bf16; now ZeRO stage auto): about 70 s of CPU time; measured 27.7% on
+256 held-out images.
 """
 
 from __future__ import annotations

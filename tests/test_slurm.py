@@ -36,8 +36,11 @@ LONG = (500, 4)
 
 
 def recipe(demo, out: Path, steps: tuple[int, int], ranks: int) -> list[str]:
-    """Dotted overrides of configs/tiny_cpu.yaml (ZeRO-3, bf16): the test's small dataset, `steps` per phase."""
+    """Dotted overrides of configs/tiny_cpu.yaml: the test's small dataset, `steps` per phase, ZeRO-3 with
+    activation checkpointing pinned (the recipe's own stage is auto, ZeRO-1 here) so that the multi-node
+    runs exercise partitioned weights."""
     return [f"output_dir={out}", f"data.train=[{{shards: '{demo.train}'}}]", f"data.tokenizer={demo.tokenizer}",
+            "train.deepspeed=ds_configs/zero3.json", "model.activation_checkpointing=true",
             "data.workers=0", "data.sample_shuffle=64", f"train.global_batch={G}", f"train.micro_batch={G // ranks}",
             f"phases.0.samples={steps[0] * G}", f"phases.0.warmup_samples={2 * G}",
             f"phases.1.samples={steps[1] * G}", "phases.1.warmup_samples=0", "checkpoint.every_samples=0",

@@ -11,8 +11,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo", help="build the built-in dataset, train, export, evaluate and report (minutes on a CPU)",
         description="The end-to-end demo: makes the built-in dataset and tokenizer if absent, trains the tiny "
-                    "recipe with the deepspeed launcher on 2 CPU processes (or every GPU), exports the model, "
-                    "evaluates zero-shot classification and retrieval on held-out data, and prints a summary.",
+                    "recipe with the deepspeed launcher in the machine's layout (single-threaded ranks, one per "
+                    "core, on a CPU; one rank per GPU), exports the model, evaluates zero-shot classification "
+                    "and retrieval on held-out data, and prints a summary.",
         formatter_class=HelpFormatter)
     p.add_argument("--config", default="configs/tiny_cpu.yaml", help="recipe to train")
     p.add_argument("--data", default="data/demo", help="where the built-in dataset lives (made if absent)")

@@ -20,7 +20,8 @@ from flip_ds.plan import GIB, Plan
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "plan", help="memory, fit and cost of a recipe on N GPUs, before allocating any",
-        description="Estimate per-GPU memory (model states under the recipe's ZeRO stage and offload, activations "
+        description="Estimate per-GPU memory (model states under the recipe's ZeRO stage and offload, or under the "
+                    "lowest stage that fits when its DeepSpeed JSON says \"stage\": \"auto\"; activations "
                     "with and without checkpointing at the recipe's micro batch and masked token count, contrastive "
                     "logits), whether it fits, the largest micro batch that does, the accumulation for the global "
                     "batch, FLOPs per sample, and a wall-clock and GPU-hours range: compute at an MFU range from "
@@ -111,6 +112,7 @@ def format_plan(p: Plan) -> str:
             f"global batch {p.global_batch} = micro {p.micro_batch} x accum "
             f"{p.accum_steps or '?'} x {c.gpus} GPUs"
             + (f"  ({p.split_error})" if p.split_error else ""),
+            *([f"ZeRO stage auto: {p.zero_reason}"] if p.zero_reason else []),
             ""]
     label_width = 40
     names = [f"{ph.name} (mask {ph.mask_ratio:g})" for ph in p.phases]
@@ -192,7 +194,7 @@ def _comparison_block(group: list[Plan]) -> list[str]:
         lines.append(f"{label:<{label_width}}" + "".join(f"{v:>{col}}" for v in values))
 
     row("ZeRO stage, activation checkpointing",
-        [f"{p.zero.stage}, {'on' if p.checkpointing else 'off'}" for p in group])
+        [f"{p.zero.stage}{' (auto)' if p.zero_reason else ''}, {'on' if p.checkpointing else 'off'}" for p in group])
     row("micro x accum", [f"{p.micro_batch} x {p.accum_steps or '?'}" for p in group])
     row("model states (GiB)", [_gib(p.states.total) for p in group])
     row("activations, worst phase (GiB)", [_gib(max(p.activations_of(ph).towers for ph in p.phases)) for p in group])

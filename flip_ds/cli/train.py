@@ -40,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
         import yaml
 
         print(yaml.safe_dump(to_dict(recipe), sort_keys=False).rstrip())
+        print(f"# {zero_summary(recipe, world)}")
         print(f"# {launch_summary(recipe, world, splits)}")
         return 0
     from flip_ds.train import train
@@ -60,3 +61,17 @@ def launch_summary(recipe: Recipe, world: int, splits: list[BatchSplit]) -> str:
     per_phase = cut[0] if len(set(cut)) == 1 else "; ".join(f"{p.name} {c}" for p, c in zip(recipe.phases, cut))
     return (f"world size {world}: {per_phase} x {world} ranks = global batch {recipe.train.global_batch}; "
             f"{recipe.total_samples} samples in {len(recipe.phases)} phase(s)")
+
+
+def zero_summary(recipe: Recipe, world: int) -> str:
+    """The ZeRO stage a launch on `world` ranks runs under, and why, in one line (`train --dry-run`)."""
+    from flip_ds.engine_config import is_auto_stage, load_engine_json
+
+    engine = load_engine_json(recipe.train.deepspeed)
+    if not is_auto_stage(engine):
+        return f"ZeRO stage {engine.get('zero_optimization', {}).get('stage', 0)} ({recipe.train.deepspeed})"
+    from flip_ds.zero_auto import choice_on_this_machine
+
+    choice = choice_on_this_machine(recipe, world)
+    return (f"{choice.message}; a launch on this machine would choose it, every launch chooses again on its "
+            "own devices at start")
