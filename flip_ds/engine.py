@@ -9,7 +9,6 @@ from torch import nn
 
 from flip_ds import distributed
 from flip_ds.config import BatchSplit, Recipe
-from flip_ds.config_loader import check
 from flip_ds.engine_config import deepspeed_config
 from flip_ds.models.flip import FLIP, decay_exempt
 
@@ -30,7 +29,6 @@ def initialize(model: nn.Module, recipe: Recipe, split: BatchSplit, device: str,
     import deepspeed
 
     config = deepspeed_config(recipe, split, device, precision)
-    _check_nonfinite_skip(config, precision, recipe.train.deepspeed)
     if load_universal:
         config["checkpoint"] = {**config.get("checkpoint", {}), "load_universal": True}
     groups = parameter_groups(model, recipe.optim.weight_decay, recipe.optim.no_decay)
@@ -40,20 +38,6 @@ def initialize(model: nn.Module, recipe: Recipe, split: BatchSplit, device: str,
         _set_fp32_master(engine.module.logit_scale, logit_scale.to(engine.device))
     refresh_fp32_logit_scale(engine)
     return engine
-
-
-def _check_nonfinite_skip(config: dict[str, Any], precision: str, json_path: str) -> None:
-    """Refuse an engine JSON that would let a non-finite gradient reach the weights.
-
-    flip-ds skips a step whose loss is not finite; a finite loss can still give a non-finite
-    gradient, and DeepSpeed's ZeRO-1/2 skip that update through the gradient norm in fp32, and
-    through an overflow scan in bf16 (which flip-ds keeps on). `compute_grad_norm: false` saves the
-    norm's pass over the gradients (docs/benchmarks.md, "Per-step overhead"), safely only in bf16.
-    """
-    check(precision != "fp32" or config.get("zero_optimization", {}).get("compute_grad_norm", True),
-          f"train.deepspeed: '{json_path}' sets zero_optimization.compute_grad_norm false, which in fp32 (this "
-          "run's precision) also switches off DeepSpeed's skip of an update with non-finite gradients; remove it, "
-          "or train in bf16")
 
 
 def _set_fp32_master(param: nn.Parameter, value: torch.Tensor) -> None:

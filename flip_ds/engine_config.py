@@ -76,6 +76,13 @@ def deepspeed_config(recipe: Recipe, split: BatchSplit, device: str, precision: 
     check(precision != "bf16" or config.get("zero_optimization", {}).get("stage", 0) > 0,
           f"train.deepspeed: '{recipe.train.deepspeed}' is ZeRO stage 0, which bf16 training does not support "
           "(the logit scale trains in fp32 through ZeRO's fp32 master); use ZeRO stage 1, 2 or 3")
+    # A finite loss can still give a non-finite gradient: ZeRO-1/2 skip that update through the
+    # gradient norm in fp32 and through the overflow scan in bf16, so switching the norm off
+    # (docs/benchmarks.md, "Per-step overhead") is safe only in bf16.
+    check(precision != "fp32" or config.get("zero_optimization", {}).get("compute_grad_norm", True),
+          f"train.deepspeed: '{recipe.train.deepspeed}' sets zero_optimization.compute_grad_norm false, which in "
+          "fp32 (this run's precision) also switches off DeepSpeed's skip of an update with non-finite gradients; "
+          "remove it, or train in bf16")
     config["train_micro_batch_size_per_gpu"] = split.micro
     config["gradient_accumulation_steps"] = split.accum
     config["train_batch_size"] = recipe.train.global_batch
