@@ -87,6 +87,24 @@ def refresh_fp32_logit_scale(engine) -> None:
         model.fp32_logit_scale = master.detach().clone()
 
 
+def want_grad_norm(engine, wanted: bool) -> None:
+    """Have DeepSpeed's next step compute the gradient norm only if `wanted` (a step that logs it),
+    where skipping it gives nothing up.
+
+    The norm costs a pass over the gradients in fp64 (docs/benchmarks.md, "Per-step overhead"), and
+    DeepSpeed's only switch for it is ZeRO-1/2's `compute_grad_norm`, which its optimizer reads at
+    every step. It is dropped only where it is neither the clip nor the skip: no clipping, and the
+    overflow scan on (bf16), which then skips an update with non-finite gradients by itself. fp32
+    (where the norm is that skip), clipping and ZeRO-3 compute it at every step.
+    """
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    optimizer = engine.optimizer
+    # clip_grad is read here, not once: loading a checkpoint sets it to the checkpoint's
+    if isinstance(optimizer, DeepSpeedZeroOptimizer) and optimizer.check_grad_overflow and optimizer.clip_grad == 0:
+        optimizer.compute_grad_norm = wanted and engine.zero_compute_grad_norm()  # the JSON may turn it off
+
+
 def set_batch_split(engine, split: BatchSplit, global_batch: int) -> None:
     """A phase's own micro batch and accumulation (DeepSpeed counts micro steps to the boundary)."""
     engine.set_train_micro_batch_size(split.micro)

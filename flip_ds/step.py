@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from flip_ds.distributed import all_reduce
-from flip_ds.engine import refresh_fp32_logit_scale
+from flip_ds.engine import refresh_fp32_logit_scale, want_grad_norm
 from flip_ds.loss import contrastive_loss
 from flip_ds.metrics import Stopwatch
 
@@ -50,8 +50,11 @@ def agree(loss: torch.Tensor, stop_requested: bool, abort_requested: bool) -> li
 
 def contrastive_step(engine, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], *, image_mask: float,
                      text_mask: float, seed: int, rank: int, step: int, device: str, stop_requested: bool,
-                     watch: Stopwatch, abort_requested: bool = False) -> StepOutcome:
+                     watch: Stopwatch, abort_requested: bool = False, grad_norm: bool = True) -> StepOutcome:
     """Forward, backward and update over `micro_batches` (this rank's share of the global batch).
+    `grad_norm`: whether the step needs DeepSpeed's gradient norm (it logs it); where the engine can
+    skip the norm without giving up the clip or the skip of non-finite gradients, it then does
+    (flip_ds.engine.want_grad_norm).
 
     With one micro batch it is a plain step. With k > 1 it is OpenCLIP's feature cache: a no-grad
     forward of every micro batch, then each micro batch re-forwarded with grad and scored with
@@ -62,6 +65,7 @@ def contrastive_step(engine, micro_batches: list[tuple[torch.Tensor, torch.Tenso
     gradient is scaled by 1/k to be counted once.
     """
     k = len(micro_batches)
+    want_grad_norm(engine, grad_norm)
 
     def outcome(loss: torch.Tensor, scale: torch.Tensor, flags: list[bool]) -> StepOutcome:
         return StepOutcome(loss.detach(), scale.detach(), not any(flags), *flags)

@@ -182,10 +182,11 @@ class Trainer:
                     self._start_phase(span, step, micro[0][0])
                 lr = self.plan.lr_at(step)
                 ds_engine.set_lr(self.engine, lr)
+                logs = (step + 1) % r.logging.every_steps == 0 or step + 1 == self.plan.total_steps
                 outcome = contrastive_step(self.engine, micro, image_mask=span.phase.mask_ratio,
                                            text_mask=span.phase.text_mask_ratio, seed=r.train.seed, rank=self.rank,
                                            step=step, device=self.device, stop_requested=self.stop.requested,
-                                           abort_requested=data_error is not None, watch=watch)
+                                           abort_requested=data_error is not None, watch=watch, grad_norm=logs)
                 if outcome.abort:
                     raise data_error or DataError("another rank stopped on a data error (see its message)")
                 if outcome.stop:  # a stop request on any rank: every rank saves and exits 75
@@ -205,7 +206,7 @@ class Trainer:
                                              "lower the lr or check the data (train.max_nonfinite_steps)")
                 self.state.step, self.state.data = step + 1, self.stream.state_dict()
                 window_steps += 1
-                if (step + 1) % r.logging.every_steps == 0 or step + 1 == self.plan.total_steps:
+                if logs:
                     self._report(step, span, lr, outcome, watch, time.perf_counter() - window_start, window_steps)
                     window_start, window_steps = time.perf_counter(), 0
                 if self._eval_due(step):

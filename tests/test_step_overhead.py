@@ -39,13 +39,14 @@ def _engine(tmp, zero: dict, *overrides: str, precision: str = "bf16"):
                       device="cpu", precision=precision), recipe
 
 
-def _step(engine, rank: int, step: int, k: int = 1, images: torch.Tensor | None = None, **flags: bool):
+def _step(engine, rank: int, step: int, k: int = 1, images: torch.Tensor | None = None, grad_norm: bool = True,
+          **flags: bool):
     batches = synthetic_batches(rank, k, 8 // k)
     if images is not None:
         batches = [(images, batches[0][1])]
     return contrastive_step(engine, batches, image_mask=0.5, text_mask=0.0, seed=0, rank=rank, step=step,
                             device="cpu", stop_requested=flags.get("stop", False),
-                            abort_requested=flags.get("abort", False), watch=Stopwatch())
+                            abort_requested=flags.get("abort", False), watch=Stopwatch(), grad_norm=grad_norm)
 
 
 @contextmanager
@@ -158,6 +159,35 @@ def _no_grad_norm_check(rank: int, world: int, tmp) -> None:
 
 def test_without_deepspeeds_grad_norm_bf16_still_skips_a_nonfinite_gradient(tmp_path):
     run_on_ranks(_no_grad_norm_check, 2, tmp_path)
+
+
+def _grad_norm_when_logged_check(rank: int, world: int, tmp) -> None:
+    """bf16 ZeRO-1 without clipping skips the norm on the steps that do not log it, and trains
+    exactly as with it; a NaN gradient on such a step is still skipped. fp32 and clipping keep it."""
+    logged, always = _engine(tmp / f"logged-r{rank}", ZERO1)[0], _engine(tmp / f"always-r{rank}", ZERO1)[0]
+    for step, logs in enumerate((False, True, False)):
+        assert _step(logged, rank, step, grad_norm=logs).stepped and _step(always, rank, step).stepped
+        norm = logged.get_global_grad_norm()
+        assert (norm is None) if not logs else float(norm) == float(always.get_global_grad_norm()) > 0, (step, norm)
+    # the norm changes no update without clipping: both engines hold the same weights and moments
+    assert all(torch.equal(a, b) for a, b in zip(_weights_and_moments(logged), _weights_and_moments(always),
+                                                  strict=True))
+    before = _weights_and_moments(logged)
+    if rank == 0:  # a finite loss whose gradient is not, on a step that does not log
+        logged.module.visual.patch_embed.proj.weight.register_hook(lambda g: torch.full_like(g, float("nan")))
+    _step(logged, rank, 3, grad_norm=False)
+    assert _unchanged(logged, before)  # the overflow scan skipped it on every rank
+    for engine in (logged, always):
+        engine.destroy()
+    for name, overrides, precision in (("fp32", (), "fp32"), ("clip", ("optim.grad_clip=1.0",), "bf16")):
+        engine, _ = _engine(tmp / f"{name}-r{rank}", ZERO1, *overrides, precision=precision)
+        assert _step(engine, rank, 0, grad_norm=False).stepped
+        assert engine.get_global_grad_norm() is not None, name  # the skip (fp32) or the clip needs it
+        engine.destroy()
+
+
+def test_deepspeeds_grad_norm_only_on_logging_steps_where_it_is_neither_clip_nor_skip(tmp_path):
+    run_on_ranks(_grad_norm_when_logged_check, 2, tmp_path)
 
 
 def test_without_deepspeeds_grad_norm_fp32_is_refused_in_one_line(tmp_path):
