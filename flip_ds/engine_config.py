@@ -42,7 +42,15 @@ def load_engine_json(path: str) -> dict[str, Any]:
                                  "(train.micro_batch / train.global_batch / train.precision / optim.*): remove it")
     zero = config.get("zero_optimization", {})
     check(isinstance(zero, dict) and zero.get("stage", 0) in (0, 1, 2, 3, ZERO_AUTO),
-          f"train.deepspeed: '{resolved}' needs zero_optimization.stage in 0..3 or \"{ZERO_AUTO}\"")
+          f"train.deepspeed: '{resolved}' needs zero_optimization.stage in 1..3 or \"{ZERO_AUTO}\"")
+    # Without ZeRO, DeepSpeed's bf16 optimizer keeps no fp32 master that flip-ds can reach (the logit
+    # scale trains in fp32 through it: flip_ds.engine.refresh_fp32_logit_scale); in fp32 nothing skips
+    # an update with non-finite gradients; and export, evaluation of a checkpoint and resharding read
+    # ZeRO checkpoints. Refused before launch rather than found out at the first export.
+    check(zero.get("stage", 0) != 0,
+          f"train.deepspeed: '{resolved}' is ZeRO stage 0, which flip-ds does not train under (bf16's fp32 "
+          "logit scale, the skip of non-finite gradients and checkpoint export need ZeRO); use stage 1, 2, 3 "
+          f"or \"{ZERO_AUTO}\" (on one rank ZeRO-1 shards nothing)")
     offloaded = [k for k in ("offload_optimizer", "offload_param") if k in zero]
     check(not (is_auto_stage(config) and offloaded),
           f"train.deepspeed: '{resolved}' has stage \"{ZERO_AUTO}\" with {offloaded}; \"{ZERO_AUTO}\" chooses among "
@@ -71,11 +79,6 @@ def deepspeed_config(recipe: Recipe, split: BatchSplit, device: str, precision: 
         from flip_ds.zero_auto import choose_on_all_ranks
 
         config["zero_optimization"]["stage"] = choose_on_all_ranks(recipe, device, precision).stage
-    # Without ZeRO, DeepSpeed's bf16 optimizer keeps no fp32 master that flip-ds can reach, and the
-    # logit scale must train in fp32 (flip_ds.engine.refresh_fp32_logit_scale).
-    check(precision != "bf16" or config.get("zero_optimization", {}).get("stage", 0) > 0,
-          f"train.deepspeed: '{recipe.train.deepspeed}' is ZeRO stage 0, which bf16 training does not support "
-          "(the logit scale trains in fp32 through ZeRO's fp32 master); use ZeRO stage 1, 2 or 3")
     # A finite loss can still give a non-finite gradient: ZeRO-1/2 skip that update through the
     # gradient norm in fp32 and through the overflow scan in bf16, so switching the norm off
     # (docs/benchmarks.md, "Per-step overhead") is safe only in bf16.

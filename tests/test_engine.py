@@ -14,7 +14,7 @@ import torch
 from flip_ds.config import BatchSplit, load_recipe
 from flip_ds.config_loader import ConfigError
 from flip_ds.engine import initialize, reset_optimizer_state
-from flip_ds.engine_config import deepspeed_config
+from flip_ds.engine_config import deepspeed_config, validate_for_launch
 from flip_ds.memory import saved_activation_bytes
 from flip_ds.metrics import Stopwatch
 from flip_ds.models.config import ModelConfig
@@ -226,10 +226,13 @@ def test_the_logit_scale_trains_in_fp32_under_bf16_on_every_zero_stage(tmp_path)
     run_on_ranks(_fp32_logit_scale_check, 2, tmp_path)
 
 
-def test_bf16_without_zero_is_refused_in_one_line(tmp_path):
-    """Stage 0's bf16 optimizer has no fp32 master for the logit scale to train in."""
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_training_without_zero_is_refused_in_one_line(tmp_path, precision):
+    """Stage 0's bf16 optimizer has no fp32 master for the logit scale to train in; in fp32 nothing
+    would skip a non-finite gradient; and its checkpoints are not ZeRO checkpoints to export."""
     recipe = tiny_recipe(tmp_path, "train.global_batch=16", "train.micro_batch=8",
                          zero={"zero_optimization": {"stage": 0}})
-    with pytest.raises(ConfigError, match="ZeRO stage 0, which bf16 training does not support"):
-        deepspeed_config(recipe, BatchSplit(8, 1), "cpu", "bf16")
-    assert deepspeed_config(recipe, BatchSplit(8, 1), "cpu", "fp32")["bf16"] == {"enabled": False}
+    with pytest.raises(ConfigError, match="is ZeRO stage 0, which flip-ds does not train under"):
+        deepspeed_config(recipe, BatchSplit(8, 1), "cpu", precision)
+    with pytest.raises(ConfigError, match="is ZeRO stage 0"):  # before any process starts
+        validate_for_launch(recipe, 2)
