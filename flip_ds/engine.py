@@ -94,14 +94,16 @@ def want_grad_norm(engine, wanted: bool) -> None:
     The norm costs a pass over the gradients in fp64 (docs/benchmarks.md, "Per-step overhead"), and
     DeepSpeed's only switch for it is ZeRO-1/2's `compute_grad_norm`, which its optimizer reads at
     every step. It is dropped only where it is neither the clip nor the skip: no clipping, and the
-    overflow scan on (bf16), which then skips an update with non-finite gradients by itself. fp32
-    (where the norm is that skip), clipping and ZeRO-3 compute it at every step.
+    overflow scan on (bf16), which then skips an update with non-finite gradients by itself; and
+    not with the optimizer offloaded, which DeepSpeed does not allow without the norm. fp32 (where
+    the norm is that skip), clipping, offload and ZeRO-3 compute it at every step.
     """
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
     optimizer = engine.optimizer
     # clip_grad is read here, not once: loading a checkpoint sets it to the checkpoint's
-    if isinstance(optimizer, DeepSpeedZeroOptimizer) and optimizer.check_grad_overflow and optimizer.clip_grad == 0:
+    if (isinstance(optimizer, DeepSpeedZeroOptimizer) and optimizer.check_grad_overflow and optimizer.clip_grad == 0
+            and not optimizer.cpu_offload):
         optimizer.compute_grad_norm = wanted and engine.zero_compute_grad_norm()  # the JSON may turn it off
 
 

@@ -47,8 +47,9 @@ def load_engine_json(path: str) -> dict[str, Any]:
     # scale trains in fp32 through it: flip_ds.engine.refresh_fp32_logit_scale); in fp32 nothing skips
     # an update with non-finite gradients; and export, evaluation of a checkpoint and resharding read
     # ZeRO checkpoints. Refused before launch rather than found out at the first export.
+    unset = "" if "stage" in zero else " (it sets no zero_optimization.stage)"
     check(zero.get("stage", 0) != 0,
-          f"train.deepspeed: '{resolved}' is ZeRO stage 0, which flip-ds does not train under (bf16's fp32 "
+          f"train.deepspeed: '{resolved}' is ZeRO stage 0{unset}, which flip-ds does not train under (bf16's fp32 "
           "logit scale, the skip of non-finite gradients and checkpoint export need ZeRO); use stage 1, 2, 3 "
           f"or \"{ZERO_AUTO}\" (on one rank ZeRO-1 shards nothing)")
     offloaded = [k for k in ("offload_optimizer", "offload_param") if k in zero]

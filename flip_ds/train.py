@@ -335,7 +335,7 @@ class Trainer:
         tflops = flops_per_sample(r.model, span.phase.mask_ratio).train * per_device / 1e12
         times = {k: v / steps for k, v in watch.take().items()}
         skips, duplicates = self._global_skip_counts()
-        grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = self.engine.get_global_grad_norm() if outcome.stepped else None  # else an earlier step's
         scalars = {
             "train/loss": outcome.loss, "train/lr": lr, "train/temperature": outcome.temperature,
             "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),

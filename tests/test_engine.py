@@ -236,3 +236,6 @@ def test_training_without_zero_is_refused_in_one_line(tmp_path, precision):
         deepspeed_config(recipe, BatchSplit(8, 1), "cpu", precision)
     with pytest.raises(ConfigError, match="is ZeRO stage 0"):  # before any process starts
         validate_for_launch(recipe, 2)
+    silent = tiny_recipe(tmp_path / "silent", zero={"steps_per_print": 10})  # DeepSpeed's default: stage 0
+    with pytest.raises(ConfigError, match=r"is ZeRO stage 0 \(it sets no zero_optimization.stage\)"):
+        validate_for_launch(silent, 2)

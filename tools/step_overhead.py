@@ -11,6 +11,8 @@ On `flip-ds bench`'s synthetic batch (its model, batch and vocabulary), two part
     (inclusive wall time on rank 0; a collective's time includes waiting for the slower rank; on a
     GPU a phase's time is the host's, kernels running on), and the collectives per step, counted
     where torch.distributed is called.
+Every step here is a logging step: it computes DeepSpeed's gradient norm, which flip-ds's other
+bf16 ZeRO-1/2 steps skip (the `compute_grad_norm false` variant is such a step).
 The wrappers belong to this measurement; flip-ds itself replaces none of DeepSpeed's methods.
 """
 
