@@ -65,8 +65,11 @@ def _no_fp32_master() -> RuntimeError:
 
 def load_checkpoint(engine, directory: str, tag: str) -> dict[str, Any]:
     """Weights and optimizer state from a DeepSpeed checkpoint; returns its client state. The lr is
-    the plan's, so the scheduler state is not read."""
+    the plan's, so the scheduler state is not read, and the clipping is the recipe's: ZeRO-1/2
+    replace it with the checkpoint's on load, so a run resumed with a new `optim.grad_clip` (say,
+    added after a spike) would silently keep the old one."""
     _, client = engine.load_checkpoint(directory, tag=tag, load_lr_scheduler_states=False)
+    engine.optimizer.clip_grad = engine.gradient_clipping()  # the engine JSON's, written from the recipe
     refresh_fp32_logit_scale(engine)
     return client
 
@@ -101,7 +104,7 @@ def want_grad_norm(engine, wanted: bool) -> None:
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
     optimizer = engine.optimizer
-    # clip_grad is read here, not once: loading a checkpoint sets it to the checkpoint's
+    # clip_grad is read at each call: it is the optimizer's, which load_checkpoint sets back to the recipe's
     if (isinstance(optimizer, DeepSpeedZeroOptimizer) and optimizer.check_grad_overflow and optimizer.clip_grad == 0
             and not optimizer.cpu_offload):
         optimizer.compute_grad_norm = wanted and engine.zero_compute_grad_norm()  # the JSON may turn it off

@@ -18,7 +18,7 @@ import torch
 from flip_ds import distributed
 from flip_ds.config import BatchSplit
 from flip_ds.config_loader import ConfigError
-from flip_ds.engine import initialize, set_batch_split
+from flip_ds.engine import initialize, load_checkpoint, reset_optimizer_state, set_batch_split
 from flip_ds.metrics import Stopwatch
 from flip_ds.models.flip import build_model
 from flip_ds.step import contrastive_step
@@ -188,6 +188,30 @@ def _grad_norm_when_logged_check(rank: int, world: int, tmp) -> None:
 
 def test_deepspeeds_grad_norm_only_on_logging_steps_where_it_is_neither_clip_nor_skip(tmp_path):
     run_on_ranks(_grad_norm_when_logged_check, 2, tmp_path)
+
+
+def _resumed_clip_check(rank: int, world: int, tmp) -> None:
+    """A run resumed with another `optim.grad_clip` clips as its recipe says, not as the
+    checkpoint's run did (DeepSpeed's ZeRO-1/2 load the checkpoint's value), both ways."""
+    for saved_clip, resumed_clip in ((0.0, 1e-3), (1e-3, 0.0)):
+        where = tmp / f"{saved_clip}-{resumed_clip}"
+        engine, _ = _engine(where / f"saved-r{rank}", ZERO1, f"optim.grad_clip={saved_clip}")
+        assert _step(engine, rank, 0).stepped
+        engine.save_checkpoint(str(where / "ckpt"), tag="one")
+        engine.destroy()
+        resumed, recipe = _engine(where / f"resumed-r{rank}", ZERO1, f"optim.grad_clip={resumed_clip}")
+        load_checkpoint(resumed, str(where / "ckpt"), "one")
+        reset_optimizer_state(resumed)  # so that Adam's first moment holds only the next step's gradient
+        assert _step(resumed, rank, 1).stepped
+        norm = float(resumed.get_global_grad_norm())  # before clipping
+        assert norm > 100 * 1e-3
+        expected = (1 - recipe.optim.betas[0]) * (min(norm, resumed_clip) if resumed_clip else norm)
+        assert _first_moment_norm(resumed) == pytest.approx(expected, rel=1e-4), (saved_clip, resumed_clip)
+        resumed.destroy()
+
+
+def test_a_resumed_run_clips_as_its_recipe_says_not_as_its_checkpoint(tmp_path):
+    run_on_ranks(_resumed_clip_check, 2, tmp_path)
 
 
 def test_without_deepspeeds_grad_norm_fp32_is_refused_in_one_line(tmp_path):
