@@ -199,6 +199,8 @@ def assert_ended(job: Job, state: str, exit_code: str, restarts: int) -> dict[st
     info = job.finished()
     assert (info["JobState"], info["ExitCode"], info["Restarts"]) == (state, exit_code, str(restarts)), (
         info, job.text())
+    # the batch script's copy of srun's errors (one per start of the job) is gone once it has ended
+    assert not list(Path(os.environ.get("TMPDIR", "/tmp")).glob(f"flip-ds-srun-{job.id}.*"))
     return info
 
 
