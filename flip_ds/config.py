@@ -28,7 +28,7 @@ class TrainConfig:
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     # engine settings only (ZeRO stage, offload, buckets); stage "auto": the lowest that fits (flip_ds.zero_auto)
     deepspeed: str = "ds_configs/zero_auto.json"
-    max_nonfinite_steps: int = 5  # stop after this many non-finite losses in a row
+    max_nonfinite_steps: int = 5  # stop after this many steps in a row skipped for a non-finite loss or gradient
     comm_timeout_s: float = 600.0  # a collective waiting this long for a rank fails every rank (a hang ends)
 
     def validate(self, prefix: str = "train") -> None:

@@ -22,6 +22,9 @@ class StepOutcome:
     scale_tensor: torch.Tensor  # 1/tau, detached
     stepped: bool  # False when any flag below is set: no rank updated
     nonfinite: bool = False  # some rank's loss was not finite: every rank skips the update
+    # the loss was finite, a gradient was not: DeepSpeed skipped the update, on every rank (it
+    # checks the reduced gradients)
+    nonfinite_grad: bool = False
     stop: bool = False  # some rank was signalled: every rank saves and stops
     abort: bool = False  # some rank cannot go on (its data failed): every rank stops without saving
 
@@ -67,8 +70,15 @@ def contrastive_step(engine, micro_batches: list[tuple[torch.Tensor, torch.Tenso
     k = len(micro_batches)
     want_grad_norm(engine, grad_norm)
 
-    def outcome(loss: torch.Tensor, scale: torch.Tensor, flags: list[bool]) -> StepOutcome:
-        return StepOutcome(loss.detach(), scale.detach(), not any(flags), *flags)
+    def agreed_skip(loss: torch.Tensor, scale: torch.Tensor, flags: list[bool]) -> StepOutcome:
+        nonfinite, stop, abort = flags
+        return StepOutcome(loss.detach(), scale.detach(), False, nonfinite=nonfinite, stop=stop, abort=abort)
+
+    def after_update(loss: torch.Tensor, scale: torch.Tensor) -> StepOutcome:
+        # DeepSpeed's own skip: its gradient check has already read its verdict to the host
+        if engine.was_step_applied():
+            return StepOutcome(loss.detach(), scale.detach(), True)
+        return StepOutcome(loss.detach(), scale.detach(), False, nonfinite_grad=True)
 
     def forward(j: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         images, tokens = micro_batches[j]
@@ -82,13 +92,13 @@ def contrastive_step(engine, micro_batches: list[tuple[torch.Tensor, torch.Tenso
         # left waiting for a rank that went away
         flags = agree(loss, stop_requested, abort_requested)
         if any(flags):
-            return outcome(loss, scale, flags)
+            return agreed_skip(loss, scale, flags)
         engine.backward(loss)
         watch.lap("forward_backward")
         engine.step()
         refresh_fp32_logit_scale(engine)
         watch.lap("optimizer")
-        return outcome(loss, scale, flags)
+        return after_update(loss, scale)
 
     with torch.no_grad():
         cached = [forward(j) for j in range(k)]
@@ -97,7 +107,7 @@ def contrastive_step(engine, micro_batches: list[tuple[torch.Tensor, torch.Tenso
         loss = contrastive_loss(torch.cat(cached_images), torch.cat(cached_texts), cached[0][2])
     flags = agree(loss, stop_requested, abort_requested)
     if any(flags):
-        return outcome(loss, cached[0][2], flags)
+        return agreed_skip(loss, cached[0][2], flags)
     for j in range(k):
         image_emb, text_emb, scale = forward(j)
         images = torch.cat(cached_images[:j] + [image_emb] + cached_images[j + 1:])
@@ -108,4 +118,4 @@ def contrastive_step(engine, micro_batches: list[tuple[torch.Tensor, torch.Tenso
         engine.step()  # a real update only after the last micro batch
         watch.lap("optimizer")
     refresh_fp32_logit_scale(engine)
-    return outcome(loss, cached[0][2], flags)
+    return after_update(loss, cached[0][2])

@@ -197,13 +197,16 @@ class Trainer:
                     log.info(f"stopped by {cause} at step {step}; checkpoint saved, "
                              f"exiting {EXIT_PREEMPTED} for a requeue")
                     return EXIT_PREEMPTED
-                nonfinite_in_row = nonfinite_in_row + 1 if outcome.nonfinite else 0
-                if outcome.nonfinite:
+                skipped = outcome.nonfinite or outcome.nonfinite_grad
+                nonfinite_in_row = nonfinite_in_row + 1 if skipped else 0
+                if skipped:
                     self.state.nonfinite_skipped += 1
-                    log.info(f"step {step}: non-finite loss, step skipped ({nonfinite_in_row} in a row)")
+                    what = "loss" if outcome.nonfinite else "gradient (finite loss)"
+                    log.info(f"step {step}: non-finite {what}, step skipped ({nonfinite_in_row} in a row)")
                     if nonfinite_in_row >= r.train.max_nonfinite_steps:
-                        raise NonFiniteError(f"{nonfinite_in_row} non-finite losses in a row at step {step}; "
-                                             "lower the lr or check the data (train.max_nonfinite_steps)")
+                        raise NonFiniteError(f"{nonfinite_in_row} steps in a row with a non-finite loss or gradient "
+                                             f"at step {step}; lower the lr or check the data "
+                                             "(train.max_nonfinite_steps)")
                 self.state.step, self.state.data = step + 1, self.stream.state_dict()
                 window_steps += 1
                 if logs:

@@ -80,21 +80,31 @@ def test_the_recipes_grad_clip_reaches_the_optimizer_zero_meaning_none(tmp_path)
 
 
 def _nan_gradient_check(rank: int, world: int, tmp) -> None:
-    recipe = tiny_recipe(tmp / f"r{rank}", "train.global_batch=16", "train.micro_batch=8", "train.precision=bf16",
-                         zero=ZERO2)
-    torch.manual_seed(0)
-    engine = initialize(build_model(recipe.model, vocab_size=100), recipe, BatchSplit(recipe.train.micro_batch, 1),
-                        device="cpu", precision=recipe.train.precision)
-    before = [p.detach().clone() for p in engine.module.parameters()]
-    if rank == 0:  # a finite loss whose gradient is not: only DeepSpeed's overflow check can catch it
-        engine.module.visual.patch_embed.proj.weight.register_hook(lambda g: torch.full_like(g, float("nan")))
-    assert _step(engine, rank, 0).stepped  # flip-ds saw a finite loss ...
-    after = list(engine.module.parameters())
-    assert all(torch.equal(a, b) for a, b in zip(before, after))  # ... and DeepSpeed skipped the update on all ranks
-    engine.destroy()
+    for zero, precision in ((ZERO2, "bf16"), (ZERO3_PARTITION_ALL, "bf16"), (ZERO1, "fp32")):
+        name = f"zero{zero['zero_optimization']['stage']}-{precision}"
+        recipe = tiny_recipe(tmp / f"{name}-r{rank}", "train.global_batch=16", "train.micro_batch=8",
+                             f"train.precision={precision}", zero=zero)
+        torch.manual_seed(0)
+        engine = initialize(build_model(recipe.model, vocab_size=100), recipe,
+                            BatchSplit(recipe.train.micro_batch, 1), device="cpu", precision=precision)
+        params = list(engine.module.parameters())
+        with deepspeed.zero.GatheredParameters(params):
+            before = [p.detach().clone() for p in params]
+        if rank == 0:  # a finite loss whose gradient is not: only DeepSpeed's check of the gradients can catch it
+            hook = engine.module.visual.patch_embed.proj.weight.register_hook(
+                lambda g: torch.full_like(g, float("nan")))
+        outcome = _step(engine, rank, 0)
+        # flip-ds saw a finite loss, DeepSpeed skipped the update on every rank, and the step says so
+        assert outcome.nonfinite_grad and not outcome.stepped and not outcome.nonfinite, name
+        with deepspeed.zero.GatheredParameters(params):
+            assert all(torch.equal(p, b) for p, b in zip(params, before, strict=True)), name
+        if rank == 0:
+            hook.remove()
+        assert _step(engine, rank, 1).stepped, name  # and the next step trains normally
+        engine.destroy()
 
 
-def test_a_nan_gradient_from_a_finite_loss_leaves_bf16_zero2_weights_untouched(tmp_path):
+def test_a_nan_gradient_from_a_finite_loss_is_skipped_and_reported_by_every_stage_and_precision(tmp_path):
     run_on_ranks(_nan_gradient_check, 2, tmp_path)
 
 

@@ -149,8 +149,8 @@ def _no_grad_norm_check(rank: int, world: int, tmp) -> None:
     before = _weights_and_moments(engine)
     if rank == 0:  # a finite loss whose gradient is not: only DeepSpeed's overflow scan can catch it
         engine.module.visual.patch_embed.proj.weight.register_hook(lambda g: torch.full_like(g, float("nan")))
-    _step(engine, rank, 0)
-    assert _unchanged(engine, before)  # skipped on every rank
+    outcome = _step(engine, rank, 0)
+    assert _unchanged(engine, before) and outcome.nonfinite_grad  # skipped on every rank, and reported
     assert engine.get_global_grad_norm() is None  # what train/grad_norm then logs as NaN
     engine.destroy()
     with pytest.raises(ValueError, match="compute_grad_norm=false requires gradient_clipping=0"):
@@ -175,8 +175,8 @@ def _grad_norm_when_logged_check(rank: int, world: int, tmp) -> None:
     before = _weights_and_moments(logged)
     if rank == 0:  # a finite loss whose gradient is not, on a step that does not log
         logged.module.visual.patch_embed.proj.weight.register_hook(lambda g: torch.full_like(g, float("nan")))
-    _step(logged, rank, 3, grad_norm=False)
-    assert _unchanged(logged, before)  # the overflow scan skipped it on every rank
+    outcome = _step(logged, rank, 3, grad_norm=False)
+    assert _unchanged(logged, before) and outcome.nonfinite_grad  # the overflow scan skipped it on every rank
     for engine in (logged, always):
         engine.destroy()
     for name, overrides, precision in (("fp32", (), "fp32"), ("clip", ("optim.grad_clip=1.0",), "bf16")):

@@ -253,6 +253,22 @@ def test_a_rank_whose_shards_are_all_bad_neither_hangs_nor_is_silent(demo_shards
     assert any(Path(b).name in text for b in bad for _, text in results), results
 
 
+def test_a_diverging_run_stops_after_max_nonfinite_steps_in_one_line_and_is_not_requeued(demo_shards, tmp_path):
+    """An lr of 1e30 blows the weights up within a step; every step after that has a non-finite
+    loss or gradient and is skipped (counted, whichever it is), and every rank stops with exit 2
+    (which train.sbatch does not requeue) and a one-line error, rather than training on without
+    updates. (A non-finite gradient from a finite loss: tests/test_engine.py.)"""
+    out = tmp_path / "run"
+    results = wait_all(spawn_ranks(train_args(demo_shards, out, "optim.base_lr=1e30", "train.max_nonfinite_steps=3")))
+    assert [rc for rc, _ in results] == [EXIT_RECIPE_OR_DATA] * 2, results
+    for rank, (_, text) in enumerate(results):
+        errors = [line for line in text.splitlines() if line.startswith("flip-ds: error")]
+        assert errors == [f"flip-ds: error (rank {rank}): 3 steps in a row with a non-finite loss or gradient at "
+                          "step 3; lower the lr or check the data (train.max_nonfinite_steps)"], text
+    skipped = scalars(out / "tensorboard", "train/nonfinite_skipped")
+    assert skipped == {G: 0.0, 2 * G: 1.0, 3 * G: 2.0}, skipped  # logged as it went; the third skip stops the run
+
+
 def test_resume_on_one_rank_then_on_two_continues_from_the_saved_samples(demo_shards, zero3_json, tmp_path):
     """A run saved on 2 ranks resumes on 1 and that one on 2 again (an allocation that came back
     smaller, then larger): DeepSpeed's universal checkpoint reshards weights and Adam's state, the
