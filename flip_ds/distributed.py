@@ -22,6 +22,8 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 
+from flip_ds.host_memory import keep_freed_memory
+
 # How long a collective waits for a missing rank before every rank fails (recipe: train.comm_timeout_s).
 DEFAULT_COMM_TIMEOUT_S = 600.0
 
@@ -108,6 +110,7 @@ def init_distributed(denv: DistEnv, timeout_s: float = DEFAULT_COMM_TIMEOUT_S) -
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         if "OMP_NUM_THREADS" not in os.environ:
             torch.set_num_threads(cpu_threads_per_rank(denv.local_world_size))
+        keep_freed_memory()  # no page faults of each step's large buffers anew (flip_ds.host_memory)
     else:
         accelerator.set_device(denv.local_rank)
     deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(), verbose=False,
