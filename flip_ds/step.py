@@ -74,9 +74,11 @@ def contrastive_step(engine, micro_batches: list[tuple[torch.Tensor, torch.Tenso
         nonfinite, stop, abort = flags
         return StepOutcome(loss.detach(), scale.detach(), False, nonfinite=nonfinite, stop=stop, abort=abort)
 
+    skipped_before = engine.skipped_steps  # DeepSpeed counts the updates its gradient check skips
+
     def after_update(loss: torch.Tensor, scale: torch.Tensor) -> StepOutcome:
-        # DeepSpeed's own skip: its gradient check has already read its verdict to the host
-        if engine.was_step_applied():
+        # its check has already read its verdict to the host: no sync here
+        if engine.skipped_steps == skipped_before:
             return StepOutcome(loss.detach(), scale.detach(), True)
         return StepOutcome(loss.detach(), scale.detach(), False, nonfinite_grad=True)
 

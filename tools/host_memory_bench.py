@@ -78,7 +78,7 @@ def main() -> None:
     for _ in range(args.rounds):
         for setting in SETTINGS:
             done = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--malloc", setting],
-                                  capture_output=True, text=True, check=True)
+                                  stdout=subprocess.PIPE, text=True, check=True)
             runs[setting].append(json.loads(done.stdout.strip().splitlines()[-1]))
     for mask in map(str, args.masks):
         base = statistics.median(r[mask][0] for r in runs["glibc"])
