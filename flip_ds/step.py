@@ -111,6 +111,10 @@ def contrastive_step(engine, micro_batches: list[tuple[torch.Tensor, torch.Tenso
     if any(flags):
         return agreed_skip(loss, cached[0][2], flags)
     for j in range(k):
+        # the update after the last micro batch, whatever DeepSpeed's micro-step count: it counts
+        # from the run's start, so after an odd number of steps at another accumulation its own
+        # boundary would fall mid-step
+        engine.set_gradient_accumulation_boundary(j == k - 1)
         image_emb, text_emb, scale = forward(j)
         images = torch.cat(cached_images[:j] + [image_emb] + cached_images[j + 1:])
         texts = torch.cat(cached_texts[:j] + [text_emb] + cached_texts[j + 1:])
