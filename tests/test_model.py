@@ -340,9 +340,11 @@ def test_auto_attention_is_eager_only_for_short_cpu_bf16_phases():
     assert resolve_attention("auto", "cpu", fp32, 2) == "sdpa"  # fp32 keeps SDPA
     assert resolve_attention("auto", "cuda", bf16, 2) == "sdpa"  # GPUs keep SDPA
     assert resolve_attention("eager", "cuda", fp32, 500) == "eager"  # a forced path is kept
-    b16 = ModelConfig(name="B/16")  # 196 patches: mask 0.5 and 0.75 eager, mask 0 SDPA
-    assert [resolve_attention("auto", "cpu", bf16, b16.image_tokens(m)) for m in (0.0, 0.5, 0.75)] == \
-        ["sdpa", "eager", "eager"]
+    for name in ("B/16", "L/14"):  # every mask of the registry's 224 px shapes is eager (197 and 257 tokens unmasked)
+        shape = ModelConfig(name=name)
+        paths = [resolve_attention("auto", "cpu", bf16, shape.image_tokens(m)) for m in (0.0, 0.5, 0.75)]
+        assert paths == ["eager"] * 3, name
+    assert resolve_attention("auto", "cpu", bf16, ModelConfig(name="B/16", image_size=384).image_tokens(0.0)) == "sdpa"
     model = tiny()
     layers = [m for m in model.modules() if hasattr(m, "fused_attn")]
     assert len(layers) == 8 and all(layer.fused_attn for layer in layers)  # timm's default: SDPA, both towers
