@@ -205,8 +205,8 @@ def test_a_recipes_model_of_any_shape_is_benchmarked_and_a_bad_one_fails_in_one_
 def test_two_rank_smoke_run_reports_every_setup_consistently(tmp_path):
     pytest.importorskip("open_clip")
     out = tmp_path / "bench.json"
-    run = torchrun(["bench", "--smoke", "--zero", "1", "3", "--masks", "0", "0.5", "--peer", "--max-batch",
-                    "--json", str(out)], nproc=2, timeout=300)
+    run = torchrun(["bench", "--smoke", "--zero", "1", "3", "--attention", "auto", "sdpa", "--masks", "0", "0.5",
+                    "--peer", "--max-batch", "--json", str(out)], nproc=2, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "samples/s" in run.stdout and "largest batch" in run.stdout
     result = json.loads(out.read_text())
@@ -218,7 +218,8 @@ def test_two_rank_smoke_run_reports_every_setup_consistently(tmp_path):
     peak = result["peak_tflops_per_rank"][precision]
     rows = result["rows"]
     flip = {(r["setup"], r["mask"]): r for r in rows if r["stack"] == "flip-ds"}
-    assert set(flip) == {(f"zero{s} {precision}", m) for s in (1, 3) for m in (0.0, 0.5)}
+    setups = [f"zero{s} {precision}{path}" for s in (1, 3) for path in ("", " sdpa")]  # auto, then SDPA forced
+    assert set(flip) == {(setup, m) for setup in setups for m in (0.0, 0.5)}
     theirs = {r["mask"]: r for r in rows if r["stack"] == "open_clip"}
     peer_setup = {"bf16": "amp_bf16", "fp32": "fp32"}[precision]
     assert set(theirs) == {0.0, 0.5} and all(r["ranks"] == 1 and r["setup"] == peer_setup for r in theirs.values())

@@ -54,9 +54,11 @@ class FlipEngine:
         return random_batch(batch, self.model_cfg.resolved_image_size, self.model_cfg.context_length,
                             self.vocab_size, seed=self.rank, device=self.device, dtype=self.dtype)
 
-    def use_attention_for(self, mask: float) -> None:
-        """The attention path a training phase at image mask `mask` runs (as the trainer sets it)."""
-        path = resolve_attention(self.model_cfg.attention, self.device, self.dtype, self.model_cfg.image_tokens(mask))
+    def use_attention_for(self, mask: float, setting: str = "auto") -> None:
+        """The attention path a training phase at image mask `mask` runs under `setting` (as the
+        trainer sets it; 'auto' is the model's own setting)."""
+        setting = self.model_cfg.attention if setting == "auto" else setting
+        path = resolve_attention(setting, self.device, self.dtype, self.model_cfg.image_tokens(mask))
         use_attention(self.engine.module, path)
 
     def step(self, mask: float, micro_batch: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
@@ -91,12 +93,14 @@ class FlipEngine:
 
 
 class FlipStepCase:
-    """One optimizer step of `engine` at image mask `mask`, on every rank. Also records the step's
-    memory peak above the held state and the optimizer's share of the step."""
+    """One optimizer step of `engine` at image mask `mask` on attention `attention` ('auto': the
+    trainer's path for the mask), on every rank. Also records the step's memory peak above the held
+    state and the optimizer's share of the step."""
 
-    def __init__(self, engine: FlipEngine, mask: float) -> None:
-        self.engine, self.mask = engine, mask
-        self.name = f"flip-ds {engine.label} mask {mask:g}"
+    def __init__(self, engine: FlipEngine, mask: float, attention: str = "auto") -> None:
+        self.engine, self.mask, self.attention = engine, mask, attention
+        self.setup = engine.label if attention == "auto" else f"{engine.label} {attention}"
+        self.name = f"flip-ds {self.setup} mask {mask:g}"
         self.peak_rise = 0
         self.blocks_run = 0
         self.sections: dict[str, float] = {}
@@ -112,7 +116,7 @@ class FlipStepCase:
         reset_peak(device)
         before, _ = current_and_peak(device)
 
-        self.engine.use_attention_for(self.mask)  # the cases share the engine: each sets its own path
+        self.engine.use_attention_for(self.mask, self.attention)  # the cases share the engine: each sets its path
 
         def work() -> None:
             self.engine.watch.lap("between")  # the time before this block is no step's

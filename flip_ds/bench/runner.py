@@ -23,6 +23,7 @@ from flip_ds.bench.text_case import TextTowerCase, text_tower
 from flip_ds.config_loader import UsageError, check_flag, from_dict
 from flip_ds.distributed import detect_dist_env, init_distributed, max_over_ranks, quiet_deepspeed, shutdown
 from flip_ds.log import setup_logging
+from flip_ds.models.attention import ATTENTION_SETTINGS
 from flip_ds.models.config import REGISTRY, ModelConfig
 from flip_ds.precision import PRECISIONS, resolve_on_all_ranks
 
@@ -39,6 +40,7 @@ class BenchSpec:
     text_masks: list[float] = field(default_factory=lambda: [0.0, 0.5])  # the text tower alone; []: not timed
     precisions: list[str] = field(default_factory=lambda: ["auto"])  # auto: what the hardware does fast
     stages: list[int] = field(default_factory=lambda: [1])
+    attention: list[str] = field(default_factory=lambda: ["auto"])  # flip-ds's paths; auto: the trainer's per mask
     steps: int = 2  # optimizer steps per timed block
     rounds: int = 3  # blocks per case, interleaved with the other cases
     warmup: int = 1  # unrecorded steps per case before the first round
@@ -63,6 +65,8 @@ class BenchSpec:
             check_flag(bool(values) and all(p in PRECISIONS for p in values),
                        f"{name}: {values}: {', '.join(PRECISIONS)}")
         check_flag(all(s in (1, 2, 3) for s in self.stages), f"--zero: {self.stages}: ZeRO stages are 1, 2 or 3")
+        check_flag(bool(self.attention) and all(a in ATTENTION_SETTINGS for a in self.attention),
+                   f"--attention: {self.attention}: {', '.join(ATTENTION_SETTINGS)}")
         check_flag(self.steps >= 1 and self.rounds >= 1 and self.warmup >= 0,
               "--steps and --rounds must be >= 1, --warmup >= 0")
         check_flag(self.vocab_size > 4, f"--vocab-size: {self.vocab_size} must be > 4")
@@ -147,7 +151,7 @@ def _measure(spec: BenchSpec, world: int, local_world: int, device: str) -> Benc
             engines.append(FlipEngine(cfg, spec.vocab_size, stage=stage, precision=precision, batch=spec.batch,
                                       rank=distributed.rank(), world_size=world,
                                       device=device))
-    flip_cases = [FlipStepCase(e, m) for e in engines for m in spec.masks]
+    flip_cases = [FlipStepCase(e, m, a) for e in engines for a in spec.attention for m in spec.masks]
     peer_cases = []
     if spec.peer:
         from flip_ds.bench.openclip_peer import OpenClipStepCase, OpenClipTrainer
@@ -171,7 +175,7 @@ def _measure(spec: BenchSpec, world: int, local_world: int, device: str) -> Benc
     rows = []
     for case, rise in zip(flip_cases, memory[len(engines):]):
         e = case.engine
-        row = Row("flip-ds", e.label, e.precision, case.mask, spec.batch, world, median(samples[case.name]),
+        row = Row("flip-ds", case.setup, e.precision, case.mask, spec.batch, world, median(samples[case.name]),
                   samples[case.name], optimizer_share=case.optimizer_share, held_gb=held[id(e)] / GiB,
                   peak_gb=(held[id(e)] + rise) / GiB)
         fill_throughput(row, cfg, peak_per_rank[e.precision] * world)

@@ -117,13 +117,14 @@ def _fmt(value: float | None, spec: str) -> str:
 
 
 def format_rows(rows: list[Row]) -> str:
-    head = (f"{'stack':<9} {'setup':<11} {'mask':>4} {'batch':>5} {'ranks':>5} {'step s':>7} {'samples/s':>9} "
+    w = max([11] + [len(r.setup) for r in rows])
+    head = (f"{'stack':<9} {'setup':<{w}} {'mask':>4} {'batch':>5} {'ranks':>5} {'step s':>7} {'samples/s':>9} "
             f"{'vs mask0':>8} {'FLOPs':>6} {'/FLOPs':>6} {'TFLOP/s':>8} {'MFU':>6} {'opt %':>5} {'held GB':>7} "
             f"{'peak GB':>7}")
     lines = [head]
     for r in rows:
         lines.append(
-            f"{r.stack:<9} {r.setup:<11} {r.mask:>4g} {r.batch_per_rank:>5} {r.ranks:>5} {r.step_s:>7.3f} "
+            f"{r.stack:<9} {r.setup:<{w}} {r.mask:>4g} {r.batch_per_rank:>5} {r.ranks:>5} {r.step_s:>7.3f} "
             f"{r.samples_per_s:>9.2f} {_fmt(r.ratio_to_mask0, '8.3f'):>8} {_fmt(r.flops_ratio, '6.3f'):>6} "
             f"{_fmt(r.ratio_over_flops, '6.2f'):>6} {r.tflops:>8.4f} {100 * r.mfu:>5.1f}% "
             f"{_fmt(None if r.optimizer_share is None else 100 * r.optimizer_share, '5.0f'):>5} "

@@ -16,8 +16,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "bench", help="benchmark training steps: masking speedup, ZeRO stages, MFU, OpenCLIP side by side",
         description="Train a few steps of a model size under the real DeepSpeed engine on synthetic in-memory "
                     "batches, on as many ranks as the launcher started (plain, `torchrun --nproc_per_node N`, "
-                    "`deepspeed --num_gpus N`). Every (ZeRO stage, precision, mask) setup, the matmul peak and "
-                    "OpenCLIP's trainer (--peer) run interleaved, A B C A B C ..., and are reported as medians.",
+                    "`deepspeed --num_gpus N`). Every (ZeRO stage, precision, attention, mask) setup, the matmul "
+                    "peak and OpenCLIP's trainer (--peer) run interleaved, A B C A B C ..., and are reported as "
+                    "medians.",
         formatter_class=HelpFormatter)
     which = p.add_mutually_exclusive_group()
     which.add_argument("--model", default="B/16", help=f"registry size: {', '.join(REGISTRY)}")
@@ -32,6 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--precision", nargs="+", choices=["auto", "bf16", "fp32"], default=["auto"],
                    help="precisions; auto: bf16 on GPUs and on CPUs with native bf16, fp32 on other CPUs")
     p.add_argument("--zero", type=int, nargs="+", default=[1], help="ZeRO stages (ds_configs/zero{1,2,3}.json)")
+    p.add_argument("--attention", nargs="+", choices=["auto", "sdpa", "eager"], default=["auto"],
+                   help="attention paths of flip-ds's steps (model.attention); auto: what training takes per mask")
     p.add_argument("--steps", type=int, default=2, help="optimizer steps per timed block")
     p.add_argument("--rounds", type=int, default=3, help="timed blocks per setup, interleaved; medians reported")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per setup before the first round")
@@ -61,8 +64,8 @@ def run(args: argparse.Namespace) -> int:
     shape = model_section(args.config) if args.config else None
     spec = BenchSpec(model=shape.get("name", "B/16") if shape else args.model, shape=shape, batch=args.batch,
                      masks=args.masks, text_masks=args.text_masks, precisions=args.precision,
-                     stages=args.zero, steps=args.steps, rounds=args.rounds, warmup=args.warmup, peer=args.peer,
-                     peer_precisions=args.peer_precision,
+                     stages=args.zero, attention=args.attention, steps=args.steps, rounds=args.rounds,
+                     warmup=args.warmup, peer=args.peer, peer_precisions=args.peer_precision,
                      max_batch=args.max_batch, memory_budget_gb=args.memory_budget_gb,
                      vocab_size=args.vocab_size, context_length=args.context_length,
                      activation_checkpointing=args.activation_checkpointing)

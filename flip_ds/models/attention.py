@@ -24,6 +24,7 @@ from torch import nn
 EAGER_MAX_TOKENS = 257
 
 AttentionPath = Literal["sdpa", "eager"]
+ATTENTION_SETTINGS = ("auto", "sdpa", "eager")  # model.attention's values
 
 
 def resolve_attention(setting: str, device: str, dtype: torch.dtype, image_tokens: int) -> AttentionPath:
