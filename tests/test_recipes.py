@@ -161,3 +161,18 @@ def test_a_bad_length_is_one_line_with_exit_2(overrides, message, capsys):
                  *overrides]) == 2
     err = capsys.readouterr().err
     assert err == f"flip-ds: error: {message}\n"
+
+
+@pytest.mark.parametrize("grid_path", sorted((REPO / "configs" / "sweeps").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_sweep_grid_and_its_base_recipe_load(grid_path, monkeypatch):
+    """Each grid in configs/sweeps/ expands into cells whose recipes pass the loader's checks (a
+    renamed key or a typo in a grid or in its base fails here, not in a user's sweep)."""
+    from flip_ds.sweep import load_grid
+
+    monkeypatch.chdir(REPO)
+    grid = load_grid(str(grid_path.relative_to(REPO)))
+    load_recipe(grid.base)
+    cells = grid.cells()
+    assert cells
+    for cell in cells:
+        assert isinstance(grid.recipe(cell, []), Recipe), cell
