@@ -123,7 +123,7 @@ class ModelConfig:
     temperature_max: float = 1.0
     activation_checkpointing: bool = True  # torch.utils.checkpoint around every block, both towers
     # attention kernels: `auto` picks per phase (flip_ds.models.attention: timm's eager path for
-    # masked bf16 steps on a CPU, SDPA elsewhere); `sdpa` or `eager` force one
+    # bf16 steps on a CPU up to 257 image tokens, SDPA elsewhere); `sdpa` or `eager` force one
     attention: Literal["auto", "sdpa", "eager"] = "auto"
 
     moved_keys: ClassVar[dict[str, str]] = {
